@@ -1,0 +1,99 @@
+"""One process (world size 1) and PyTorch DDP: every rank holds whole gradients.
+
+Under DDP the gradient is all-reduced during backward; each rank then masks its own full
+copy identically (masks are pure functions), so masking adds no communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ctscale import dist
+from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.masks.base import GradView
+from ctscale.models import parameter_shapes
+
+
+class LocalBackend:
+    """World size 1 (``ddp=False``) or DistributedDataParallel over torch.distributed."""
+
+    def __init__(self, grad_accum: int, max_grad_norm: float, bf16: bool = False, ddp: bool = False):
+        if ddp:
+            dist.init_from_env()
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.device = dist.default_device()
+        self.grad_accum = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.bf16 = bf16
+        self.ddp = ddp and self.world_size > 1
+
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ):
+        self.model = model.to(self.device)
+        self.engine = DistributedDataParallel(self.model) if self.ddp else self.model
+        self.optimizer = make_optimizer(self.model.named_parameters())
+        self.scheduler = make_scheduler(self.optimizer)
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        sync = contextlib.nullcontext() if (boundary or not self.ddp) else self.engine.no_sync()
+        with sync:
+            with self._autocast():
+                loss = self.engine(**batch).loss
+            (loss / self.grad_accum).backward()
+        return float(loss.detach())
+
+    def grad_views(self) -> Iterator[GradView]:
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                yield GradView(name, tuple(p.shape), 0, p.numel(), p.grad.view(-1))
+
+    def shard_ranges(self) -> list[GradView]:
+        return [
+            GradView(n, tuple(p.shape), 0, p.numel())
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        ]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return parameter_shapes(self.model)
+
+    def step(self) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        with self._autocast():
+            return self.model(**batch).logits.float()
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.model
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]

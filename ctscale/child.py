@@ -1,0 +1,92 @@
+"""Build the mask strategy a config asks for: vanilla, CT-F, or CT-D (Fisher or a mask file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ctscale import dist, store
+from ctscale.backends.base import Backend
+from ctscale.config import Config
+from ctscale.errors import MaskError
+from ctscale.fisher import FisherAccumulator, candidate_filter, select_child
+from ctscale.masks import FixedChildMask, MaskStrategy, NoMask, RandomChildMask
+
+FisherPass = Callable[[FisherAccumulator], None]
+
+
+def model_fingerprint(shapes: dict[str, tuple[int, ...]]) -> str:
+    """SHA-256 of the sorted (name, shape) list: identifies a model architecture, not weights."""
+    text = json.dumps(sorted((n, list(s)) for n, s in shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_mask_path(output_dir: str | Path) -> Path:
+    """One file at world size 1; a directory of per-rank shards plus an index otherwise."""
+    name = "mask.safetensors" if dist.world_size() == 1 else "mask"
+    return Path(output_dir) / name
+
+
+def build_strategy(cfg: Config, backend: Backend, fisher_pass: FisherPass) -> MaskStrategy:
+    """The strategy for ``cfg.method``; for CT-D this runs the Fisher pass (or loads a mask)."""
+    method = cfg.method
+    if method.name == "vanilla":
+        return NoMask()
+    if method.name == "ct-f":
+        seed = cfg.train.seed if method.mask_seed is None else method.mask_seed
+        return RandomChildMask(method.reserve_p, seed)
+    if method.mask_file:
+        return load_fixed_mask(method.mask_file, backend)
+    path = default_mask_path(cfg.train.output_dir)
+    estimate_and_save_mask(cfg, backend, fisher_pass, path)
+    return load_fixed_mask(path, backend)
+
+
+def estimate_and_save_mask(
+    cfg: Config, backend: Backend, fisher_pass: FisherPass, path: Path
+) -> store.MaskInfo:
+    """Fisher pass, global top-p selection, mask written from shards. Collective."""
+    shapes = backend.param_shapes()
+    is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
+    candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
+    fisher = FisherAccumulator(candidates, cfg.fisher.max_grad_norm)
+    fisher_pass(fisher)
+    masks = select_child(fisher.scores(), fisher.total_entries(), cfg.method.reserve_p)
+    pieces = [
+        store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits)
+        for (name, start), bits in masks.items()
+    ]
+    selected = round(cfg.method.reserve_p * fisher.total_entries())
+    metadata = {
+        "method": "ct-d",
+        "reserve_p": cfg.method.reserve_p,
+        "seed": cfg.train.seed,
+        "scope": {"candidates": list(cfg.fisher.candidates), "exclude": list(cfg.fisher.exclude)},
+        "fisher_batches": fisher.batches,
+        "fisher_max_grad_norm": cfg.fisher.max_grad_norm,
+        "counts": {
+            "selected": selected,
+            "candidate_entries": fisher.total_entries(),
+            "candidate_tensors": len(candidates),
+        },
+        "model": cfg.model.name_or_path,
+        "task": cfg.data.task,
+        "model_fingerprint": model_fingerprint(shapes),
+        "world_size": dist.world_size(),
+    }
+    store.save_mask(path, pieces, metadata)
+    dist.barrier()
+    return store.read_info(path)
+
+
+def load_fixed_mask(path: str | Path, backend: Backend) -> FixedChildMask:
+    """CT-D strategy from a mask file, resharded to the ranges this rank holds now."""
+    info = store.read_info(path)
+    if info.metadata.get("method") != "ct-d":
+        raise MaskError(f"{path} holds a {info.metadata.get('method')!r} mask; CT-D needs a ct-d mask")
+    store.check_names(info, backend.param_shapes())
+    wanted = [(v.name, v.shape, v.start, v.end) for v in backend.shard_ranges() if v.name in info.shapes]
+    local = store.load_mask(path, wanted)
+    return FixedChildMask(local, is_candidate=lambda name: name in info.shapes)

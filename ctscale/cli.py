@@ -1,0 +1,113 @@
+"""``ctscale`` command line.
+
+Usage (one process; the same commands run under torchrun / deepspeed, see launch/):
+
+    ctscale train --config configs/rte_minilm_ctd.yaml [--set train.lr=2e-5 ...] [--mask FILE]
+    ctscale fisher --config CONFIG [--set ...] --out runs/rte/mask.safetensors
+    ctscale mask info FILE_OR_DIR
+    torchrun --nproc_per_node 2 -m ctscale train --config CONFIG --set distributed.backend=ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ctscale import dist
+from ctscale.errors import CtscaleError
+
+
+def _run_config(args: argparse.Namespace):
+    from ctscale.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "mask", None):
+        overrides += [f"method.mask_file={args.mask}", "method.name=ct-d"]
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ctscale.trainer import Trainer
+
+    metrics = Trainer(_run_config(args)).run()
+    if dist.is_main():
+        print(json.dumps({"final": metrics}))
+    return 0
+
+
+def cmd_fisher(args: argparse.Namespace) -> int:
+    from ctscale.child import default_mask_path, estimate_and_save_mask
+    from ctscale.trainer import Trainer
+
+    cfg = _run_config(args)
+    trainer = Trainer(cfg)
+    trainer.prepare()
+    out = Path(args.out) if args.out else default_mask_path(cfg.train.output_dir)
+    info = estimate_and_save_mask(cfg, trainer.backend, trainer.fisher_pass, out)
+    if dist.is_main():
+        print(f"wrote {out}: {info.total_selected} of {info.total_entries} candidate entries selected")
+    return 0
+
+
+def cmd_mask_info(args: argparse.Namespace) -> int:
+    from ctscale.store import read_info
+
+    info = read_info(args.path)
+    print(f"mask: {info.path} (format {info.format_version}, {len(info.files)} file(s))")
+    for key, value in sorted(info.metadata.items()):
+        print(f"  {key}: {json.dumps(value)}")
+    total, chosen = info.total_entries, info.total_selected
+    print(
+        f"  selected: {chosen} / {total} entries ({chosen / max(total, 1):.4%}) in {len(info.shapes)} tensors"
+    )
+    if args.verbose:
+        for name in sorted(info.shapes):
+            n = 1
+            for d in info.shapes[name]:
+                n *= d
+            print(f"    {name} {list(info.shapes[name])} {info.selected[name] / max(n, 1):.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctscale", description="Child-Tuning at distributed scale")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML or TOML config file (defaults if omitted)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-5")
+
+    train = sub.add_parser("train", help="fine-tune (vanilla, ct-f or ct-d)")
+    with_config(train)
+    train.add_argument("--mask", help="CT-D mask file or directory to train with (skips the Fisher pass)")
+    train.set_defaults(func=cmd_train)
+
+    fisher = sub.add_parser("fisher", help="estimate Fisher information and write a CT-D mask")
+    with_config(fisher)
+    fisher.add_argument("--out", help="mask path (.safetensors file, or a directory when distributed)")
+    fisher.set_defaults(func=cmd_fisher)
+
+    mask = sub.add_parser("mask", help="inspect mask files")
+    mask_sub = mask.add_subparsers(dest="mask_command", required=True)
+    info = mask_sub.add_parser("info", help="metadata and counts of a mask")
+    info.add_argument("path")
+    info.add_argument("-v", "--verbose", action="store_true", help="density per tensor")
+    info.set_defaults(func=cmd_mask_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except CtscaleError as err:
+        print(f"ctscale: error: {err}", file=sys.stderr)
+        return 2
+    dist.shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

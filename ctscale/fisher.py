@@ -1,0 +1,121 @@
+"""Diagonal Fisher information on sharded gradients, and the global top-p child network.
+
+Estimator (the same at any world size): for each global batch b, take the gradient of the
+mean loss over the whole global batch, ``g_b`` (what every backend holds after its reduction:
+the average over ranks of each rank's mean-loss gradient, i.e. the global-batch gradient).
+Clip each tensor's ``g_b`` to norm ``max_grad_norm`` (the reference's per-tensor clip; the
+norm is of the whole tensor, summed over its shards), square it entry-wise, and average over
+batches: ``F = mean_b clip(g_b)**2``. Because ``g_b`` depends only on which examples form
+batch b, not on how they are split over ranks or micro-batches, neither does F (up to the
+floating-point rounding of the reduction).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from ctscale import dist
+from ctscale.errors import CtscaleError, MaskError
+from ctscale.masks.base import GradView
+from ctscale.select import Key, select_top_k
+
+
+def candidate_filter(patterns: Sequence[str], exclude: Sequence[str] = ()) -> Callable[[str], bool]:
+    """Predicate on canonical names: matches any of ``patterns`` and none of ``exclude``."""
+    include = [re.compile(p) for p in patterns]
+    skip = [re.compile(p) for p in exclude]
+
+    def is_candidate(name: str) -> bool:
+        return any(p.search(name) for p in include) and not any(p.search(name) for p in skip)
+
+    return is_candidate
+
+
+class FisherAccumulator:
+    """Sums ``clip(g)**2`` per local piece of every candidate parameter, in fp32.
+
+    Buffers are local: one fp32 tensor per piece this rank holds (no full-size buffer under
+    ZeRO-3 / FSDP2). ``add`` is collective (one all-reduce of one float per candidate tensor)
+    when clipping is on.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], max_grad_norm: float = 0.0) -> None:
+        """``shapes``: global shape of every candidate parameter (the same on every rank)."""
+        if not shapes:
+            raise MaskError(
+                "no parameter matches fisher.candidates: CT-D would train nothing differently "
+                "from vanilla. Fix the patterns (they are regexes searched in parameter names)"
+            )
+        self.shapes = dict(shapes)
+        self.max_grad_norm = max_grad_norm
+        self.sums: dict[Key, torch.Tensor] = {}
+        self.batches = 0
+        self.owned: set[tuple[str, int, int]] | None = None
+
+    def _own(self, views: list[GradView]) -> list[GradView]:
+        """The views this rank accounts for: a range held by several ranks (DDP replicas)
+        counts once, on the lowest such rank, so norms and histograms are not multiplied."""
+        if self.owned is None:
+            mine = [(v.name, v.start, v.end) for v in views]
+            seen: set[tuple[str, int, int]] = set()
+            for r, ranges in enumerate(dist.all_gather_objects(mine)):
+                if r == dist.rank():
+                    self.owned = {k for k in ranges if k not in seen}
+                seen.update(ranges)
+        return [v for v in views if (v.name, v.start, v.end) in self.owned]
+
+    def add(self, views: Iterable[GradView]) -> None:
+        """Accumulate one global batch's reduced gradients (local shards)."""
+        views = self._own([v for v in views if v.name in self.shapes])
+        scales = self._clip_scales(views)
+        for view in views:
+            grad = view.grad.detach().float()
+            if not torch.isfinite(grad).all():
+                raise CtscaleError(
+                    f"non-finite gradient in {view.name} during the Fisher pass (batch "
+                    f"{self.batches}); lower the learning-rate-independent loss scale, check the "
+                    "data for NaN labels, or use fp32 (model.dtype=float32)"
+                )
+            square = (grad * scales[view.name]).square_()
+            if view.key() in self.sums:
+                self.sums[view.key()] += square
+            else:
+                self.sums[view.key()] = square
+        self.batches += 1
+
+    def _clip_scales(self, views: list[GradView]) -> dict[str, float]:
+        """Per-tensor clip factor ``min(1, max_norm / (norm + 1e-6))`` from the global norm."""
+        names = sorted(self.shapes)
+        if not self.max_grad_norm:
+            return dict.fromkeys(names, 1.0)
+        index = {n: i for i, n in enumerate(names)}
+        sq = torch.zeros(len(names), dtype=torch.float64)
+        for view in views:
+            sq[index[view.name]] += view.grad.detach().double().square().sum().cpu()
+        norms = dist.all_reduce_sum_(sq).sqrt()
+        return {n: min(1.0, self.max_grad_norm / (float(norms[i]) + 1e-6)) for n, i in index.items()}
+
+    def scores(self) -> dict[Key, torch.Tensor]:
+        """Local Fisher estimates ``sum / batches`` per piece (fp32, on CPU)."""
+        if self.batches == 0:
+            raise CtscaleError("the Fisher pass saw no batch: fisher.num_batches must be >= 1")
+        return {k: (s / self.batches).cpu() for k, s in self.sums.items()}
+
+    def total_entries(self) -> int:
+        """Global number of candidate entries (from global shapes; no communication)."""
+        return sum(math.prod(s) for s in self.shapes.values())
+
+
+def select_child(scores: dict[Key, torch.Tensor], total: int, reserve_p: float) -> dict[Key, torch.Tensor]:
+    """Local masks of the global top ``k = round(p * total)`` Fisher entries. Collective."""
+    k = round(reserve_p * total)
+    if k < 1:
+        raise MaskError(
+            f"method.reserve_p={reserve_p} keeps round(p * {total}) = 0 of the candidate "
+            "entries; raise reserve_p or widen fisher.candidates"
+        )
+    return select_top_k(scores, k)

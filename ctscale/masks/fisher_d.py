@@ -1,0 +1,41 @@
+"""CT-D (task-driven Child-Tuning): a fixed child network chosen by Fisher information."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ctscale.errors import MaskError
+from ctscale.masks.base import GradView
+
+
+class FixedChildMask:
+    """``grad <- grad * M`` for candidate parameters, with ``M`` fixed for the whole run.
+
+    Holds, per rank, one bool tensor per local piece ``(name, start)`` of a candidate
+    parameter (1 byte per local candidate entry). Non-candidate parameters (embeddings, head,
+    by default) are always fully trained, as in the reference.
+    """
+
+    def __init__(
+        self, local_masks: Mapping[tuple[str, int], torch.Tensor], is_candidate: Callable[[str], bool]
+    ) -> None:
+        self.local_masks = dict(local_masks)
+        self.is_candidate = is_candidate
+
+    def apply(self, view: GradView, step: int) -> None:
+        if view.numel == 0 or not self.is_candidate(view.name):
+            return
+        keep = self.local_masks.get(view.key())
+        if keep is None:
+            raise MaskError(
+                f"no CT-D mask for {view.name}[{view.start}:{view.end}] on this rank; the mask was "
+                "built for another sharding. Rebuild the strategy from the mask file."
+            )
+        if keep.device != view.grad.device:  # moved once, on first use
+            keep = self.local_masks[view.key()] = keep.to(view.grad.device)
+        view.grad.masked_fill_(~keep, 0)
+
+    def state_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.local_masks.values())

@@ -1,0 +1,263 @@
+"""The training loop. Reads top to bottom; no branch on the backend's name.
+
+loss = backend.forward_backward(micro_batch)   # per micro-batch; reduced at the boundary
+for view in backend.grad_views(): strategy.apply(view, step)   # local shards only
+backend.step()                                  # clip, AdamW, schedule
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ctscale import batching, dist
+from ctscale.backends import build_backend
+from ctscale.backends.base import Backend, NamedParams
+from ctscale.child import build_strategy
+from ctscale.config import Config, save_config
+from ctscale.errors import DataError
+from ctscale.fisher import FisherAccumulator
+from ctscale.masks import MaskStrategy
+from ctscale.models import load_classifier, load_tokenizer
+from ctscale.tasks import Examples, GlueTask, compute_metrics, get_task, load_glue_split, tokenize
+from ctscale.tasks.glue import default_glue_dir
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+@dataclass
+class RunData:
+    task: GlueTask
+    train: Examples
+    evals: dict[str, Examples]
+
+
+def load_data(cfg: Config) -> RunData:
+    """Train and eval splits, subsampled (seeded) when the config asks for it."""
+    task = get_task(cfg.data.task)
+    data_dir = cfg.data.data_dir or default_glue_dir()
+    train = _subsample(
+        load_glue_split(task.name, "train", data_dir), cfg.data.max_train_samples, cfg.train.seed
+    )
+    evals = {
+        split: _subsample(
+            load_glue_split(task.name, split, data_dir), cfg.data.max_eval_samples, cfg.train.seed
+        )
+        for split in task.eval_splits
+    }
+    return RunData(task, train, evals)
+
+
+def _subsample(examples: Examples, limit: int | None, seed: int) -> Examples:
+    if limit is None or limit >= len(examples):
+        return examples
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return examples.subset(sorted(order[:limit].tolist()))
+
+
+def adamw_factory(cfg: Config):
+    """AdamW with decoupled weight decay on every entry except biases and norms (as HF)."""
+
+    def make(named: NamedParams) -> torch.optim.Optimizer:
+        named = [(n, p) for n, p in named if p.requires_grad]
+        groups = [
+            {
+                "params": [p for n, p in named if not n.endswith(NO_DECAY)],
+                "weight_decay": cfg.train.weight_decay,
+            },
+            {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, eps=1e-8)
+
+    return make
+
+
+class Trainer:
+    """Fine-tunes ``cfg.model`` on ``cfg.data.task`` with ``cfg.method``; see ``run``."""
+
+    def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
+        self.cfg = cfg
+        self.backend = backend or build_backend(cfg)
+        self.out = Path(cfg.train.output_dir)
+        self.is_main = self.backend.rank == 0
+        self.micro = batching.micro_batch_size(
+            cfg.train.batch_size, cfg.train.grad_accum, self.backend.world_size
+        )
+
+    # -- set-up ---------------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # the classifier head's initialisation
+        self.data = load_data(cfg)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.steps_per_epoch = batching.steps_per_epoch(len(self.data.train), cfg.train.batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the training set ({len(self.data.train)} examples) is smaller than one global "
+                f"batch (train.batch_size={cfg.train.batch_size})"
+            )
+        self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
+        model = load_classifier(cfg.model, self.data.task)
+        warmup = math.ceil(cfg.train.warmup_ratio * self.total_steps)
+        self.backend.setup(
+            model,
+            adamw_factory(cfg),
+            lambda opt: get_linear_schedule_with_warmup(opt, warmup, self.total_steps),
+        )
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        dist.barrier()
+
+    def micro_batches(self, step: int, global_batch: int, grad_accum: int):
+        """Tokenised micro-batches of this rank for optimizer step ``step`` (global numbering)."""
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch_for(global_batch))
+        order = batching.epoch_order(len(self.data.train), self.cfg.train.seed, epoch)
+        for idx in batching.rank_micro_batches(
+            order, step_in_epoch, global_batch, grad_accum, self.backend.rank, self.backend.world_size
+        ):
+            yield tokenize(self.data.train.subset(idx.tolist()), self.tokenizer, self.cfg.data.max_length)
+
+    def steps_per_epoch_for(self, global_batch: int) -> int:
+        return batching.steps_per_epoch(len(self.data.train), global_batch)
+
+    # -- CT-D Fisher pass -------------------------------------------------------------------
+    def fisher_pass(self, fisher: FisherAccumulator) -> None:
+        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch)."""
+        cfg = self.cfg
+        batch = cfg.fisher.batch_size or cfg.train.batch_size
+        batching.micro_batch_size(batch, cfg.train.grad_accum, self.backend.world_size)
+        batches = cfg.fisher.num_batches or self.steps_per_epoch_for(batch)
+        self.backend.train_mode(True)
+        for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
+            micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
+            for m, mb in enumerate(micro):
+                self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
+            fisher.add(self.backend.grad_views())
+            self.backend.zero_grad()
+
+    # -- training ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Prepare, build the child network, train, evaluate, save. Returns the final metrics."""
+        self.prepare()
+        started = time.perf_counter()
+        strategy = build_strategy(self.cfg, self.backend, self.fisher_pass)
+        self.log(
+            {
+                "event": "mask_ready",
+                "seconds": time.perf_counter() - started,
+                "mask_state_bytes": strategy.state_bytes(),
+            }
+        )
+        metrics = self.fit(strategy)
+        if self.cfg.train.save_model:
+            self.save_model()
+        return metrics
+
+    def fit(self, strategy: MaskStrategy, start_step: int = 0) -> dict:
+        """Train from ``start_step`` to ``total_steps``; evaluate each epoch and at the end."""
+        cfg = self.cfg
+        metrics: dict = {}
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="train", disable=not self.is_main)
+        self.backend.train_mode(True)
+        for step in range(start_step, self.total_steps):
+            lr = self.backend.lr()
+            loss = self.train_step(step, strategy)
+            bar.update(1)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
+                self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr})
+            end_of_epoch = (step + 1) % self.steps_per_epoch == 0
+            if (cfg.train.eval_every_epoch and end_of_epoch) or step + 1 == self.total_steps:
+                metrics = self.evaluate(step + 1)
+                self.backend.train_mode(True)
+        bar.close()
+        return metrics
+
+    def train_step(self, step: int, strategy: MaskStrategy) -> float:
+        """One optimizer step: micro-batches, mask on local shards, clip + AdamW. Mean local loss."""
+        cfg = self.cfg
+        micro = list(self.micro_batches(step, cfg.train.batch_size, cfg.train.grad_accum))
+        losses = [
+            self.backend.forward_backward(mb, boundary=m == len(micro) - 1) for m, mb in enumerate(micro)
+        ]
+        for view in self.backend.grad_views():
+            strategy.apply(view, step)
+        self.backend.step()
+        return sum(losses) / len(losses)
+
+    def evaluate(self, step: int) -> dict:
+        """Metrics of every eval split; each rank predicts a shard, rank 0 scores the whole."""
+        self.backend.train_mode(False)
+        results = {}
+        for split, examples in self.data.evals.items():
+            idx, real = batching.eval_shard(len(examples), self.backend.rank, self.backend.world_size)
+            preds = []
+            for lo in range(0, idx.numel(), self.cfg.train.eval_batch_size):
+                batch = tokenize(
+                    examples.subset(idx[lo : lo + self.cfg.train.eval_batch_size].tolist()),
+                    self.tokenizer,
+                    self.cfg.data.max_length,
+                )
+                logits = self.backend.predict(batch)
+                preds.append(logits.squeeze(-1) if self.data.task.is_regression else logits.argmax(-1))
+            local = torch.cat(preds)[:real].cpu().tolist() if preds else []
+            gathered = [p for part in dist.all_gather_objects(local) for p in part]
+            scores = compute_metrics(self.data.task, gathered, examples.labels)
+            results[split] = scores
+        self.log(
+            {
+                "event": "eval",
+                "step": step,
+                **{f"{s}/{k}": v for s, m in results.items() for k, v in m.items()},
+            }
+        )
+        return results
+
+    # -- output -----------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        """Append one JSON line to ``metrics.jsonl`` (rank 0) and echo eval results."""
+        if not self.is_main:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if record["event"] == "eval":
+            tqdm.write(
+                " ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in record.items()
+                    if k not in ("time", "event")
+                )
+            )
+
+    def save_model(self) -> Path:
+        """Consolidated HF model + tokenizer under ``output_dir/model``, replaced atomically."""
+        state = self.backend.consolidated_state_dict()
+        final = self.out / "model"
+        if self.is_main:
+            tmp = self.out / f".model.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
+            self.tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, final)
+        dist.barrier()
+        return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a complete directory into place; the old one is removed only after the swap."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

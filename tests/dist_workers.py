@@ -1,0 +1,67 @@
+"""Workers for multi-process tests: train the tiny BERT with a config and report what happened.
+
+Every distributed test compares a world of N processes against the single-process result on
+the same global batches; this module is the one place that defines that run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_overrides(model_dir: Path, glue_dir: Path, out_dir: Path) -> list[str]:
+    """A few optimizer steps of RTE on the tiny BERT; batch 12 splits over 1-3 ranks x 2 micro-steps."""
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.data_dir={glue_dir}",
+        f"train.output_dir={out_dir}",
+        "data.task=rte",
+        "data.max_length=32",
+        "data.max_train_samples=48",
+        "data.max_eval_samples=12",
+        "train.batch_size=12",
+        "train.grad_accum=2",
+        "train.max_steps=3",
+        "train.lr=1e-3",
+        "train.weight_decay=0.0",
+        "train.warmup_ratio=0.0",
+        "train.save_model=false",
+        "train.eval_every_epoch=false",
+        "fisher.num_batches=2",
+        "method.reserve_p=0.3",
+    ]
+
+
+def count_collectives(fn) -> tuple[object, int]:
+    """``fn()`` and the number of collectives it ran, as the profiler records them.
+
+    Counted at the process-group level (``gloo:*`` events), so collectives issued from C++
+    (DDP's reducer) or through DeepSpeed's comm layer are all seen.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum(1 for e in prof.events() if e.name.startswith(("gloo:", "nccl:")))
+
+
+def train_worker(rank: int, world_size: int, overrides: list[str]) -> dict:
+    """Fisher/mask set-up, then ``train.max_steps`` steps; final weights (rank 0), collectives/step."""
+    from ctscale.child import build_strategy
+    from ctscale.config import load_config
+    from ctscale.trainer import Trainer
+
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg)
+    trainer.prepare()
+    strategy = build_strategy(cfg, trainer.backend, trainer.fisher_pass)
+    trainer.backend.train_mode(True)
+    counts = []
+    for step in range(trainer.total_steps):
+        _, calls = count_collectives(lambda step=step: trainer.train_step(step, strategy))
+        counts.append(calls)
+    state = trainer.backend.consolidated_state_dict()
+    return {
+        "state": {k: v.float().clone() for k, v in state.items()} if state is not None else None,
+        "collectives_per_step": counts,
+    }
