@@ -45,6 +45,11 @@ def count_collectives(fn) -> tuple[object, int]:
     return result, sum(1 for e in prof.events() if e.name.startswith(("gloo:", "nccl:")))
 
 
+def train_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
+    """Several ``train_worker`` runs in one process group (saves process start-up time)."""
+    return [train_worker(rank, world_size, overrides) for overrides in runs]
+
+
 def train_worker(rank: int, world_size: int, overrides: list[str]) -> dict:
     """Fisher/mask set-up, then ``train.max_steps`` steps; final weights (rank 0), collectives/step."""
     from ctscale.child import build_strategy
