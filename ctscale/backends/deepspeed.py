@@ -1,0 +1,327 @@
+"""DeepSpeed ZeRO-1/2/3: each rank holds a flat range of every gradient after reduction.
+
+The only module that imports ``deepspeed``. One optimizer step, as the trainer drives it:
+
+    forward_backward(mb, boundary=False)   # engine.backward scales by 1/GAS; step() off the
+    ...                                    # boundary only advances DeepSpeed's micro-step count
+    forward_backward(mb, boundary=True)    # reduce-scatter: this rank's partition is ready
+    for view in grad_views(): mask(view)   # in place, local partition only, no collective
+    step()                                 # engine.step(): grad norm, clip, AdamW, scheduler
+
+Order: mask THEN clip. DeepSpeed computes the global gradient norm inside ``engine.step()``
+from the partitions we have just masked, as the local backend clips after masking.
+
+Where the partitions live (private DeepSpeed state, checked against 0.19.8):
+- ZeRO-1/2: ``p._hp_mapping`` (``lp_fragment_address`` = this rank's flat range of ``p``) and
+  ``p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)`` = the entry of
+  ``optimizer.averaged_gradients`` that ``step()`` flattens into the fp32 partition.
+- ZeRO-3: ``optimizer._get_fp32_grad_state_partition(p)`` = the partition buffer that
+  ``safe_get_local_grad`` copies from and ``step()`` reads; rank r holds
+  ``[r * part, (r + 1) * part)`` of the flat tensor, ``part = p.ds_tensor.numel()`` (padded).
+- ``zero_grad`` (Fisher pass) repeats what DeepSpeed's own overflow-skip does: drop
+  ``averaged_gradients``, reset the optimizer's micro-step id, close the engine's window.
+Optimizer offload is refused: DeepSpeed takes per-parameter norms before we could mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from ctscale import batching, dist
+from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.config import Config
+from ctscale.errors import ConfigError
+from ctscale.masks.base import GradView
+
+# Used when distributed.deepspeed_config is not set (distributed.zero_stage picks the stage).
+DEFAULT_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` at ``world_size``: JSON (or default) + ctscale values.
+
+    "auto" or missing batch/accumulation/clipping/bf16 values are filled from ``cfg.train``;
+    a value that contradicts it raises ConfigError naming both and the fix.
+    """
+    d, t = cfg.distributed, cfg.train
+    src = d.deepspeed_config or "the built-in DeepSpeed config"
+    ds = _load_json(d.deepspeed_config) if d.deepspeed_config else json.loads(json.dumps(DEFAULT_CONFIG))
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{src}: zero_optimization must be a JSON object, got {zero!r}")
+    stage = d.zero_stage if d.zero_stage is not None else zero.get("stage", 0)
+    if stage not in (1, 2, 3) or isinstance(stage, bool):
+        hint = "; stage 0 is plain data parallelism: use distributed.backend=ddp" if stage == 0 else ""
+        raise ConfigError(
+            f"{src}: ZeRO stage {stage!r} is not supported by the deepspeed backend; set "
+            f"zero_optimization.stage (or distributed.zero_stage) to 1, 2 or 3{hint}"
+        )
+    zero["stage"] = stage
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"{src}: remove the '{section}' section; ctscale builds AdamW and the linear warmup "
+                "schedule itself from train.lr, train.weight_decay and train.warmup_ratio"
+            )
+    if _get(ds, "fp16.enabled") is True:
+        raise ConfigError(f"{src}: fp16 is not supported; remove the fp16 section and use train.bf16=true")
+    if str((zero.get("offload_optimizer") or {}).get("device", "none")) != "none":
+        raise ConfigError(
+            f"{src}: zero_optimization.offload_optimizer is not supported (DeepSpeed takes gradient "
+            "norms during the offload copy, before Child-Tuning masks); remove it"
+        )
+    micro = batching.micro_batch_size(t.batch_size, t.grad_accum, world_size)
+    derived = {  # DeepSpeed key -> (value from ctscale, the ctscale key it comes from)
+        "train_batch_size": (t.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
+        "train_micro_batch_size_per_gpu": (
+            micro,
+            f"train.batch_size / (train.grad_accum x world size {world_size})",
+        ),
+        "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
+        "bf16.enabled": (t.bf16, "train.bf16"),
+    }
+    for key, (value, origin) in derived.items():
+        given = _get(ds, key)
+        if given is None or given == "auto":
+            _set(ds, key, value)
+        elif given != value or isinstance(given, bool) != isinstance(value, bool):
+            raise ConfigError(
+                f'{src}: {key}={given!r} contradicts {origin}={value!r}; set {key} to "auto" '
+                f"(or {value!r}) in the DeepSpeed JSON, or change {origin}"
+            )
+    for path in _autos(ds):
+        raise ConfigError(
+            f'{src}: {path}="auto" is not resolved by ctscale (only {", ".join(derived)} are); '
+            "set a number or remove the key to use DeepSpeed's default"
+        )
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the client torch AdamW
+    ds.setdefault("steps_per_print", 2**31 - 1)  # ctscale logs progress itself
+    return ds
+
+
+def _load_json(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"distributed.deepspeed_config: file not found: {path}; check the path, or unset it "
+            "and set distributed.zero_stage to use the built-in config"
+        )
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"invalid JSON in DeepSpeed config {path} at line {err.lineno}, column {err.colno}: "
+            f"{err.msg}; fix the syntax there (double-quoted keys, no trailing commas)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read DeepSpeed config {path}: {err}; make it readable UTF-8") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _get(ds: dict, dotted: str) -> Any:
+    node: Any = ds
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _set(ds: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        ds = ds.setdefault(part, {})
+    ds[last] = value
+
+
+def _autos(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _autos(v, f"{prefix}{k}.")
+    elif node == "auto":
+        yield prefix[:-1]
+
+
+def _init_distributed() -> torch.device:
+    """Join the launcher's process group (gloo on CPU, nccl on CUDA); one process without one."""
+    if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        # python -m ctscale without a launcher: world size 1, same code path (house rule 2)
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    device = dist.default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return device
+
+
+class DeepSpeedBackend:
+    """ZeRO stage 1, 2 or 3 through ``deepspeed.initialize`` with the client AdamW and schedule."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.device = _init_distributed()
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.ds_config = build_ds_config(cfg, self.world_size)
+        self.stage: int = self.ds_config["zero_optimization"]["stage"]
+        self._hf_ds_config = None
+
+    def model_init_context(self) -> contextlib.AbstractContextManager:
+        """Where to build a model too large for one rank: under ZeRO-3, Hugging Face
+        ``from_pretrained``/``from_config`` then create partitioned parameters directly.
+
+        Keeps an ``HfDeepSpeedConfig`` alive for the backend's lifetime (transformers holds only
+        a weak reference to it). Other stages: a no-op context.
+        """
+        if self.stage == 3 and self._hf_ds_config is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        return contextlib.nullcontext()
+
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ) -> None:
+        optimizer = make_optimizer(model.named_parameters())
+        scheduler = make_scheduler(optimizer)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.scheduler = scheduler
+        self.module: torch.nn.Module = self.engine.module
+        self._ranges = self._local_ranges()
+
+    # -- gradients -------------------------------------------------------------------------
+    def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
+        if boundary != self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                f"micro-batch boundary={boundary} but DeepSpeed expects "
+                f"{self.engine.is_gradient_accumulation_boundary()}: the trainer must run exactly "
+                f"gradient_accumulation_steps={self.engine.gradient_accumulation_steps()} micro-batches "
+                "per step"
+            )
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)  # divides by GAS itself; reduces at the boundary
+        if not boundary:
+            self.engine.step()  # off the boundary: only counts the micro-step, no update
+        return float(loss.detach())
+
+    def _local_ranges(self) -> list[tuple[str, torch.nn.Parameter, int, int]]:
+        """(canonical name, parameter, start, end) of every local non-empty flat range."""
+        out = []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.stage == 3:
+                part = p.ds_tensor.numel()  # partition size, padded so that part * world >= numel
+                start, end = self.rank * part, min((self.rank + 1) * part, p.ds_numel)
+            elif getattr(p, "_hp_mapping", None) is not None:
+                address = p._hp_mapping.lp_fragment_address
+                start, end = address.start, address.start + address.numel
+            else:  # ZeRO-1/2: no element of p in this rank's partition
+                continue
+            if start < end:
+                out.append((name, p, start, end))
+        return out
+
+    def _local_grad(self, p: torch.nn.Parameter, numel: int) -> torch.Tensor:
+        """1-D view (length ``numel``) of the reduced gradient partition the optimizer reads."""
+        if self.stage == 3:
+            grad, _ = self.optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
+        else:
+            grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+        flat = grad.view(-1)  # a view: raises rather than silently copying
+        if flat.numel() != numel:  # ZeRO-3 padding; a whole-parameter buffer (bf16 optimizer)
+            start = 0 if self.stage == 3 else p._hp_mapping.lp_fragment_address.start
+            flat = flat.narrow(0, start, numel)
+        return flat
+
+    def grad_views(self) -> Iterator[GradView]:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("grad_views() is valid only after the boundary micro-batch's backward")
+        for name, p, start, end in self._ranges:
+            yield GradView(name, self._shape(p), start, end, self._local_grad(p, end - start))
+
+    def shard_ranges(self) -> list[GradView]:
+        return [GradView(name, self._shape(p), start, end) for name, p, start, end in self._ranges]
+
+    def _shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: self._shape(p) for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def step(self) -> None:
+        self.engine.step()  # global norm of the masked partitions, clip, AdamW, scheduler
+
+    def zero_grad(self) -> None:
+        """Drop this window's reduced gradients without an update, as DeepSpeed's own
+        overflow-skip does, and start the next accumulation window."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)  # ZeRO-3: also resets micro_step_id (next backward copies)
+        if self.stage == 3:
+            opt.averaged_gradients = {}
+        else:
+            opt._release_preflattened_grad_buffers()
+            for group in opt.averaged_gradients:
+                opt.averaged_gradients[group] = None  # bf16: the fp32 buffer it accumulates into
+                opt.all_grad_tensors[group] = None
+            opt.micro_step_id = -1  # INITIAL_MICRO_STEP_ID, as after step()
+        self.engine.micro_steps += 1  # what engine.step() does at the end of every window
+
+    # -- evaluation and output -------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        return self.engine(**batch).logits.float()  # ZeRO-3: gathers parameters (collective)
+
+    def train_mode(self, training: bool) -> None:
+        self.engine.train(training)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 master weights (canonical names, CPU) on rank 0; None elsewhere. Collective:
+        one all-reduce (ZeRO-1/2) or all-gather (ZeRO-3) per parameter, in the same order."""
+        full: dict[str, torch.Tensor] = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                value = safe_get_full_fp32_param(p)
+            else:  # frozen: no fp32 master; gather the module's own copy
+                gather = (
+                    deepspeed.zero.GatheredParameters([p]) if self.stage == 3 else contextlib.nullcontext()
+                )
+                with gather:
+                    value = p.data.clone()
+            if self.rank == 0:
+                full[name] = value.detach().reshape(self._shape(p)).cpu()
+        if self.rank != 0:
+            return None
+        # buffers (and any tied alias) from the module; parameters from the fp32 masters
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items() if k not in full}
+        tied = {n for n, _ in self.module.named_parameters(remove_duplicate=False)} - full.keys()
+        for alias in tied & state.keys():
+            owner = _same_param(self.module, alias)
+            state[alias] = full[owner]
+        return {**state, **full}
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.module
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+def _same_param(module: torch.nn.Module, alias: str) -> str:
+    """The canonical (first) name of the parameter that ``alias`` also names (tied weights)."""
+    target = module.get_parameter(alias)
+    return next(n for n, p in module.named_parameters() if p is target)

