@@ -73,6 +73,8 @@ def cmd_mask_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctscale", description="Child-Tuning at distributed scale")
+    # the deepspeed launcher passes --local_rank=N to every process; the env has it too
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:

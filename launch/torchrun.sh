@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Launch ctscale with torchrun (single node, multi-node, elastic restarts).
+#
+#   launch/torchrun.sh --config configs/rte_minilm_ctd.yaml --set distributed.backend=ddp
+#   NPROC=8 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config CONFIG   # node 0
+#   NPROC=8 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config CONFIG   # node 1
+#
+# Everything after the script name goes to `ctscale train`. Environment:
+#   NPROC (2) processes per node; NNODES (1); NODE_RANK (0); MASTER_ADDR (127.0.0.1);
+#   MASTER_PORT (29500); MAX_RESTARTS (0): elastic restarts of the whole worker group.
+# On CPU machines the gloo backend is used; set GLOO_SOCKET_IFNAME when nodes have several NICs.
+set -euo pipefail
+exec torchrun \
+  --nproc_per_node "${NPROC:-2}" \
+  --nnodes "${NNODES:-1}" \
+  --node_rank "${NODE_RANK:-0}" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" \
+  --master_port "${MASTER_PORT:-29500}" \
+  --max_restarts "${MAX_RESTARTS:-0}" \
+  -m ctscale train "$@"
