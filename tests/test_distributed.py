@@ -18,11 +18,12 @@ import math
 
 import pytest
 import torch
-from dist_harness import run_world
-from dist_workers import tiny_overrides, train_runs
 from safetensors.torch import load_file
 
 from ctscale import store
+
+from dist_harness import run_world
+from dist_workers import tiny_overrides, train_runs
 
 pytestmark = pytest.mark.slow
 

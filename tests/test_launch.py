@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from ctscale import store
 from ctscale.config import load_config
 from ctscale.trainer import Trainer
+
 from dist_harness import free_port
 from dist_workers import tiny_overrides
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from dist_workers import tiny_overrides
 from safetensors.torch import load_file
 
 from ctscale import store
@@ -19,6 +18,8 @@ from ctscale.masks.hashing import bernoulli_mask
 from ctscale.models import load_classifier, load_tokenizer
 from ctscale.tasks import get_task, load_glue_split, tokenize
 from ctscale.trainer import Trainer, adamw_factory
+
+from dist_workers import tiny_overrides
 
 LR, WD, EPS, B1, B2 = 1e-3, 0.01, 1e-8, 0.9, 0.999
 
