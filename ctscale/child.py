@@ -29,18 +29,31 @@ def default_mask_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / name
 
 
-def build_strategy(cfg: Config, backend: Backend, fisher_pass: FisherPass) -> MaskStrategy:
-    """The strategy for ``cfg.method``; for CT-D this runs the Fisher pass (or loads a mask)."""
+def ctd_mask_path(cfg: Config, resumed: str | None = None) -> str | None:
+    """Where the CT-D mask of this run lives: a resumed run's own mask, ``method.mask_file``,
+    or the run directory's default; None for the other methods."""
+    if cfg.method.name != "ct-d":
+        return None
+    return resumed or cfg.method.mask_file or str(default_mask_path(cfg.train.output_dir))
+
+
+def build_strategy(
+    cfg: Config, backend: Backend, fisher_pass: FisherPass | None, mask_path: str | None = None
+) -> MaskStrategy:
+    """The strategy for ``cfg.method``.
+
+    CT-D loads ``mask_path`` (a resumed run's own mask) or ``method.mask_file`` when given;
+    otherwise it runs the Fisher pass and saves the mask in the run directory first.
+    """
     method = cfg.method
     if method.name == "vanilla":
         return NoMask()
     if method.name == "ct-f":
         seed = cfg.train.seed if method.mask_seed is None else method.mask_seed
         return RandomChildMask(method.reserve_p, seed)
-    if method.mask_file:
-        return load_fixed_mask(method.mask_file, backend)
-    path = default_mask_path(cfg.train.output_dir)
-    estimate_and_save_mask(cfg, backend, fisher_pass, path)
+    path = ctd_mask_path(cfg, mask_path)
+    if not (mask_path or method.mask_file):
+        estimate_and_save_mask(cfg, backend, fisher_pass, Path(path))
     return load_fixed_mask(path, backend)
 
 

@@ -4,7 +4,9 @@ Usage (one process; the same commands run under torchrun / deepspeed, see launch
 
     ctscale train --config configs/rte_minilm_ctd.yaml [--set train.lr=2e-5 ...] [--mask FILE]
     ctscale fisher --config CONFIG [--set ...] --out runs/rte/mask.safetensors
-    ctscale mask info FILE_OR_DIR
+    ctscale mask info [-v] FILE_OR_DIR
+    ctscale mask overlap A B [C ...] [--json]
+    ctscale mask plot FILE_OR_DIR --out density.png
     torchrun --nproc_per_node 2 -m ctscale train --config CONFIG --set distributed.backend=ddp
 """
 
@@ -52,6 +54,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 
 
 def cmd_mask_info(args: argparse.Namespace) -> int:
+    from ctscale.masktools import density_table, format_table
     from ctscale.store import read_info
 
     info = read_info(args.path)
@@ -68,6 +71,43 @@ def cmd_mask_info(args: argparse.Namespace) -> int:
             for d in info.shapes[name]:
                 n *= d
             print(f"    {name} {list(info.shapes[name])} {info.selected[name] / max(n, 1):.4f}")
+    print("  density per layer x module type:")
+    for line in format_table(density_table(info)):
+        print(f"    {line}")
+    return 0
+
+
+def cmd_mask_overlap(args: argparse.Namespace) -> int:
+    from ctscale.masktools import overlap
+
+    result = overlap(args.paths)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+
+    def num(x: float | None, fmt: str = ".4f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    print(f"{len(result['masks'])} masks of {result['total_entries']} candidate entries each:")
+    for i, m in enumerate(result["masks"]):
+        tag = f"{m['method']} p={m['reserve_p']} task={m['task']}"
+        print(f"  [{i}] {m['path']}: {m['selected']} selected ({num(m['density'])}), {tag}")
+    for p in result["pairs"]:
+        print(
+            f"  [{p['a']}] vs [{p['b']}]: intersection {p['intersection']}, jaccard {num(p['jaccard'])}, "
+            f"overlap ratio {num(p['overlap_ratio'])}, expected by chance "
+            f"{p['expected_intersection']:.1f} (lift {num(p['lift'], '.2f')})"
+        )
+    return 0
+
+
+def cmd_mask_plot(args: argparse.Namespace) -> int:
+    from ctscale.masktools import plot_density
+    from ctscale.store import read_info
+
+    matrix = plot_density(read_info(args.path), args.out)
+    cols = len(matrix[0]) if matrix else 0
+    print(f"wrote {args.out}: density of {len(matrix)} layer(s) x {cols} module type(s)")
     return 0
 
 
@@ -91,12 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--out", help="mask path (.safetensors file, or a directory when distributed)")
     fisher.set_defaults(func=cmd_fisher)
 
-    mask = sub.add_parser("mask", help="inspect mask files")
+    mask = sub.add_parser("mask", help="inspect and compare mask files")
     mask_sub = mask.add_subparsers(dest="mask_command", required=True)
     info = mask_sub.add_parser("info", help="metadata and counts of a mask")
     info.add_argument("path")
     info.add_argument("-v", "--verbose", action="store_true", help="density per tensor")
     info.set_defaults(func=cmd_mask_info)
+    over = mask_sub.add_parser("overlap", help="overlap of the child networks of two or more masks")
+    over.add_argument("paths", nargs="+", metavar="PATH")
+    over.add_argument("--json", action="store_true", help="print the result as JSON")
+    over.set_defaults(func=cmd_mask_overlap)
+    plot = mask_sub.add_parser("plot", help="PNG heatmap of density per layer x module type")
+    plot.add_argument("path")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.set_defaults(func=cmd_mask_plot)
     return parser
 
 

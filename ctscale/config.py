@@ -74,6 +74,9 @@ class TrainConfig:
     eval_every_epoch: bool = True
     save_model: bool = True
     bf16: bool = False
+    save_every: int = 0  # checkpoint every N optimizer steps; 0: only the final model
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
 
 
 @dataclass
@@ -372,7 +375,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 _RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
     ("non-empty", lambda v: bool(v.strip()), ("model.name_or_path", "data.task", "train.output_dir")),
     (">= 1", lambda v: v >= 1, ("data.max_length", "train.epochs", "train.batch_size", "train.grad_accum")),
-    (">= 1", lambda v: v >= 1, ("train.eval_batch_size", "train.log_every")),
+    (">= 1", lambda v: v >= 1, ("train.eval_batch_size", "train.log_every", "train.keep_checkpoints")),
+    (">= 0", lambda v: v >= 0, ("train.save_every",)),
     ("> 0", lambda v: v > 0, ("train.lr",)),
     (">= 0", lambda v: v >= 0, ("train.weight_decay", "train.max_grad_norm", "train.seed")),
     (">= 0", lambda v: v >= 0, ("fisher.max_grad_norm",)),

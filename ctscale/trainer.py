@@ -22,9 +22,10 @@ from transformers import get_linear_schedule_with_warmup
 from ctscale import batching, dist
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
-from ctscale.child import build_strategy
-from ctscale.config import Config, save_config
-from ctscale.errors import DataError
+from ctscale.checkpoint import CheckpointManager
+from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
+from ctscale.config import Config, load_config, save_config
+from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator
 from ctscale.masks import MaskStrategy
 from ctscale.models import load_classifier, load_tokenizer
@@ -113,10 +114,27 @@ class Trainer:
             adamw_factory(cfg),
             lambda opt: get_linear_schedule_with_warmup(opt, warmup, self.total_steps),
         )
+        self.fingerprint = model_fingerprint(self.backend.param_shapes())
         if self.is_main:
+            self._check_output_dir()
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
         dist.barrier()
+
+    def _check_output_dir(self) -> None:
+        """Refuse to mix two runs: an output_dir that holds another model's or task's run."""
+        previous = self.out / "config.yaml"
+        if not previous.is_file():
+            return
+        old = load_config(previous)
+        for key in ("model.name_or_path", "data.task"):
+            section, name = key.split(".")
+            before, now = getattr(getattr(old, section), name), getattr(getattr(self.cfg, section), name)
+            if before != now:
+                raise ConfigError(
+                    f"train.output_dir={str(self.out)!r} holds another run ({key}={before!r}, this "
+                    f"run has {now!r}); choose a new train.output_dir or delete the old one"
+                )
 
     def micro_batches(self, step: int, global_batch: int, grad_accum: int):
         """Tokenised micro-batches of this rank for optimizer step ``step`` (global numbering)."""
@@ -147,10 +165,20 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------
     def run(self) -> dict:
-        """Prepare, build the child network, train, evaluate, save. Returns the final metrics."""
+        """Prepare, build the child network (or resume), train, evaluate, save. Final metrics."""
         self.prepare()
+        checkpoints = CheckpointManager(self.out, self.cfg.train.keep_checkpoints)
+        resume_from = checkpoints.latest() if self.cfg.train.resume else None
         started = time.perf_counter()
-        strategy = build_strategy(self.cfg, self.backend, self.fisher_pass)
+        if resume_from is None:
+            strategy = build_strategy(self.cfg, self.backend, self.fisher_pass)
+            self.mask_path, start_step = ctd_mask_path(self.cfg), 0
+        else:
+            state = checkpoints.load(self.backend, resume_from, {"model_fingerprint": self.fingerprint})
+            self.mask_path = ctd_mask_path(self.cfg, state.get("mask"))
+            strategy = build_strategy(self.cfg, self.backend, None, self.mask_path)
+            start_step = state["step"]
+            self.log({"event": "resumed", "step": start_step, "from": str(resume_from)})
         self.log(
             {
                 "event": "mask_ready",
@@ -158,12 +186,14 @@ class Trainer:
                 "mask_state_bytes": strategy.state_bytes(),
             }
         )
-        metrics = self.fit(strategy)
+        metrics = self.fit(strategy, start_step, checkpoints)
         if self.cfg.train.save_model:
             self.save_model()
         return metrics
 
-    def fit(self, strategy: MaskStrategy, start_step: int = 0) -> dict:
+    def fit(
+        self, strategy: MaskStrategy, start_step: int = 0, checkpoints: CheckpointManager | None = None
+    ) -> dict:
         """Train from ``start_step`` to ``total_steps``; evaluate each epoch and at the end."""
         cfg = self.cfg
         metrics: dict = {}
@@ -175,6 +205,13 @@ class Trainer:
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
                 self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr})
+            if checkpoints and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+                state = {
+                    "model_fingerprint": self.fingerprint,
+                    "mask": self.mask_path,
+                    "world_size": self.backend.world_size,
+                }
+                checkpoints.save(self.backend, step + 1, state)
             end_of_epoch = (step + 1) % self.steps_per_epoch == 0
             if (cfg.train.eval_every_epoch and end_of_epoch) or step + 1 == self.total_steps:
                 metrics = self.evaluate(step + 1)

@@ -49,3 +49,54 @@ def glue_dir() -> Path:
     if not GLUE_DIR.is_dir():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
     return GLUE_DIR
+
+
+# -- the distributed matrix: one row per backend, shared by test_distributed and test_resume ----
+METHODS = ("vanilla", "ct-f", "ct-d")
+ROWS = {
+    "ddp": ["distributed.backend=ddp"],
+    "zero1": ["distributed.backend=deepspeed", "distributed.zero_stage=1"],
+    "zero2": ["distributed.backend=deepspeed", "distributed.zero_stage=2"],
+    "zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"],
+    "fsdp": ["distributed.backend=fsdp"],
+}
+NEEDS = {"zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": "fsdp"}
+
+
+def _runs(base, extra: list[str], mask_from: str | None = None) -> list[list[str]]:
+    runs = [base(m) + extra + [f"method.name={m}"] for m in METHODS]
+    if mask_from:
+        runs.append(base("ct-d-file") + extra + ["method.name=ct-d", f"method.mask_file={mask_from}"])
+    return runs
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_bert, glue_dir, tmp_path_factory):
+    """Single-process results per method (local backend, world size 1)."""
+    from dist_harness import run_world
+    from dist_workers import tiny_overrides, train_runs
+
+    root = tmp_path_factory.mktemp("ref")
+    results = run_world(train_runs, 1, _runs(lambda m: tiny_overrides(tiny_bert, glue_dir, root / m), []))[0]
+    return dict(zip(METHODS, results)) | {"root": root}
+
+
+@pytest.fixture(scope="session")
+def world(tiny_bert, glue_dir, tmp_path_factory):
+    """``world(row, size)``: one row's results at one world size, computed once per session
+    (the 3-rank world also trains with the 2-rank world's mask)."""
+    from dist_harness import run_world
+    from dist_workers import tiny_overrides, train_runs
+
+    cache: dict = {}
+
+    def get(row: str, size: int) -> dict:
+        if (row, size) not in cache:
+            root = tmp_path_factory.mktemp(f"{row}{size}")
+            base = lambda m: tiny_overrides(tiny_bert, glue_dir, root / m)  # noqa: E731
+            mask_from = str(get(row, 2)["root"] / "ct-d" / "mask") if size == 3 else None
+            results = run_world(train_runs, size, _runs(base, ROWS[row], mask_from))[0]
+            cache[(row, size)] = dict(zip([*METHODS, "ct-d-file"], results)) | {"root": root}
+        return cache[(row, size)]
+
+    return get

@@ -17,11 +17,11 @@ def tiny_overrides(model_dir: Path, glue_dir: Path, out_dir: Path) -> list[str]:
         f"train.output_dir={out_dir}",
         "data.task=rte",
         "data.max_length=32",
-        "data.max_train_samples=48",
+        "data.max_train_samples=36",
         "data.max_eval_samples=12",
         "train.batch_size=12",
         "train.grad_accum=2",
-        "train.max_steps=3",
+        "train.max_steps=4",  # crosses an epoch boundary (3 steps per epoch)
         "train.lr=1e-3",
         "train.weight_decay=0.0",
         "train.warmup_ratio=0.0",
@@ -29,6 +29,7 @@ def tiny_overrides(model_dir: Path, glue_dir: Path, out_dir: Path) -> list[str]:
         "train.eval_every_epoch=false",
         "fisher.num_batches=2",
         "method.reserve_p=0.3",
+        "train.save_every=2",
     ]
 
 
@@ -70,3 +71,45 @@ def train_worker(rank: int, world_size: int, overrides: list[str]) -> dict:
         "state": {k: v.float().clone() for k, v in state.items()} if state is not None else None,
         "collectives_per_step": counts,
     }
+
+
+class Preempted(Exception):
+    """Raised by ``resume_worker`` to stop a run the way a preemption would."""
+
+
+def train_attempt(rank: int, world_size: int, overrides: list[str], stop_at: int | None) -> dict:
+    """``ctscale train``, stopped on every rank before step ``stop_at`` as a preemption would
+    (after the checkpoint of the step before). Returns the steps run and, when it finished,
+    the final weights (rank 0)."""
+    from ctscale.config import load_config
+    from ctscale.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    steps: list[int] = []
+    train_step = trainer.train_step
+
+    def tracked(step, strategy):
+        if step == stop_at:
+            raise Preempted
+        steps.append(step)
+        return train_step(step, strategy)
+
+    trainer.train_step = tracked
+    try:
+        trainer.run()
+    except Preempted:
+        return {"steps": steps, "state": None}
+    state = trainer.backend.consolidated_state_dict()
+    return {"steps": steps, "state": {k: v.float().clone() for k, v in state.items()} if state else None}
+
+
+def stop_then_resume(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
+    """Per override list: an attempt stopped before step 2, then a new Trainer (new backend,
+    model from disk) resuming from the newest checkpoint. Returns [first, second] attempts."""
+    return [
+        [
+            train_attempt(rank, world_size, o, stop_at=2),
+            train_attempt(rank, world_size, [*o, "train.resume=true"], None),
+        ]
+        for o in runs
+    ]

@@ -12,14 +12,16 @@ import math
 
 import pytest
 import torch
-from dist_harness import run_world
-from dist_workers import tiny_overrides
 from safetensors.torch import load_file
 
 from ctscale import store
 from ctscale.backends.fsdp import repeated_blocks, shard_rows
 
+from dist_harness import run_world
+from dist_workers import tiny_overrides
+
 GLOBAL_BATCH = 12
+CLIP = 0.1  # below the gradient norm of these batches, so clipping is exercised
 
 
 # -- helpers (run inside the worker processes) ----------------------------------------------
@@ -82,13 +84,13 @@ def grad_views_worker(rank: int, world: int, model_dir) -> dict:
 
 
 def accumulation_worker(rank: int, world: int, model_dir) -> dict:
-    """Two optimizer steps of 2 micro-batches each, CT-F masked at the boundary, clip 1.0."""
+    """Two optimizer steps of 2 micro-batches each, CT-F masked at the boundary, clipped."""
     from ctscale.backends.fsdp import FSDPBackend
     from ctscale.masks import GradView, RandomChildMask
 
     model = _load(model_dir)
     ref = copy.deepcopy(model)
-    backend = FSDPBackend(grad_accum=2, max_grad_norm=1.0)
+    backend = FSDPBackend(grad_accum=2, max_grad_norm=CLIP)
     backend.setup(model, _adamw, _constant)
     ref_opt = _adamw(ref.named_parameters())
     strategy = RandomChildMask(0.3, seed=7)
@@ -112,7 +114,7 @@ def accumulation_worker(rank: int, world: int, model_dir) -> dict:
         out["grad_diff"].append(
             max((v.grad - ref_grads[v.name][v.start : v.end]).abs().max().item() for v in views)
         )
-        out["ref_norm"].append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
+        out["ref_norm"].append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
         backend.step()
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
@@ -150,13 +152,60 @@ def bf16_ctd_worker(rank: int, world: int, overrides: list[str]) -> dict:
     strategy.apply = recording_apply
     trainer.backend.train_mode(True)
     losses = [trainer.train_step(step, strategy) for step in range(trainer.total_steps)]
+    metrics = trainer.evaluate(trainer.total_steps)  # predict() on every rank
+    saved = trainer.save_model()
     state = trainer.backend.consolidated_state_dict()
     return {
         "state": state,
+        "saved": saved,
+        "accuracy": metrics["validation"]["accuracy"],
         "losses": losses,
         "compute_dtypes": compute_dtypes,
         "grad_dtypes": grad_dtypes,
         "param_dtypes": {p.dtype for p in model.parameters()},
+    }
+
+
+class _Flat(torch.nn.Module):
+    """A model without repeated blocks (no ModuleList): FSDP2 shards only the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.proj(x)  # a ModelOutput: FSDP2 finds the loss in it to hook backward
+        return SequenceClassifierOutput(loss=torch.nn.functional.mse_loss(logits, y), logits=logits)
+
+
+def flat_model_worker(rank: int, world: int) -> dict:
+    """World size 1 (a one-rank group), a model without blocks: log line, full ranges, a step."""
+    import logging
+
+    from ctscale.backends.fsdp import FSDPBackend
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("ctscale.backends.fsdp").addHandler(handler)
+    model = _Flat()
+    before = model.proj.weight.detach().clone()
+    backend = FSDPBackend(grad_accum=1, max_grad_norm=1.0)
+    backend.setup(model, _adamw, _constant)
+    batch = {"x": torch.ones(4, 5), "y": torch.zeros(4, 3)}
+    loss = backend.forward_backward(batch, boundary=True)
+    views = {v.name: (v.start, v.end, v.grad.numel()) for v in backend.grad_views()}
+    backend.step()
+    after = backend.consolidated_state_dict()["proj.weight"]
+    return {
+        "world": backend.world_size,
+        "records": records,
+        "views": views,
+        "loss": loss,
+        "moved": (after - before).abs().max().item(),
     }
 
 
@@ -178,6 +227,15 @@ def test_repeated_blocks_finds_bert_layers(tiny_bert):
         repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList([torch.nn.ReLU()])))
         == []
     )
+
+
+@pytest.mark.slow
+def test_world1_model_without_blocks_shards_root():
+    r = run_world(flat_model_worker, 1)[0]
+    assert r["world"] == 1
+    assert any("no repeated blocks" in m for m in r["records"]), r["records"]
+    assert r["views"] == {"proj.weight": (0, 15, 15), "proj.bias": (0, 3, 3)}
+    assert r["loss"] > 0 and r["moved"] > 1e-4
 
 
 @pytest.mark.slow
@@ -212,7 +270,7 @@ def test_accumulation_with_masking_matches_single_process(tiny_bert):
     for r in results:
         assert r["views_before_boundary"] == [0, 0]  # no reduction before the boundary
         assert max(r["grad_diff"]) <= 1e-6, r["grad_diff"]
-    assert min(results[0]["ref_norm"]) > 1.0  # clipping was active in both steps
+    assert min(results[0]["ref_norm"]) > CLIP  # clipping was active in both steps
     assert results[0]["moved"] > 1e-4  # training did something
     assert results[0]["weight_diff"] <= 5e-6, results[0]["weight_diff"]
 
@@ -223,6 +281,8 @@ def test_bf16_ct_d_keeps_non_child_entries(tiny_bert, glue_dir, tmp_path):
         "distributed.backend=fsdp",
         "train.bf16=true",
         "method.name=ct-d",
+        "train.max_steps=2",
+        "fisher.num_batches=1",
     ]
     results = run_world(bf16_ctd_worker, 2, overrides)
     for r in results:
@@ -247,3 +307,8 @@ def test_bf16_ct_d_keeps_non_child_entries(tiny_bert, glue_dir, tmp_path):
         kept += int(keep.sum())
     assert kept == round(0.3 * sum(m.numel() for m in mask.values()))
     assert moved > 0.9 * kept
+    # evaluation ran sharded on both ranks; the saved HF model is the consolidated fp32 state
+    assert 0.0 <= results[0]["accuracy"] <= 1.0
+    saved = load_file(results[0]["saved"] / "model.safetensors")
+    assert saved.keys() == final.keys()
+    assert all(torch.equal(saved[k], final[k]) for k in final)

@@ -115,7 +115,7 @@ def test_cli_fisher_then_train_with_mask_then_info(tiny_bert, glue_dir, tmp_path
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["event"] == "train"] == [3]
+    assert [r["step"] for r in records if r["event"] == "train"] == [4]
     assert main(["mask", "info", "-v", str(mask)]) == 0
     out = capsys.readouterr().out
     assert "selected: 5126 / 17088" in out and 'method: "ct-d"' in out

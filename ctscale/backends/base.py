@@ -6,6 +6,7 @@ Protocol, not a base class: backends share no implementation (house rule 3).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch

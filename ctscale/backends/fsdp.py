@@ -128,6 +128,12 @@ class FSDPBackend:
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
+            if not isinstance(p.grad, DTensor):
+                # FSDP2 hooks backward through the tensors it finds in the forward output
+                raise RuntimeError(
+                    f"fsdp: {name} was not resharded after backward; the model must return its "
+                    "loss inside a ModelOutput, dict or tuple (a pytree FSDP2 can traverse)"
+                )
             local = p.grad.to_local()
             start, end = self._ranges[name]
             if not local.is_contiguous() or local.numel() != end - start:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 
 from ctscale import dist
@@ -97,3 +99,21 @@ class LocalBackend:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, path: Path) -> None:
+        # DDP replicas are identical: rank 0 writes the state, every rank its RNG state
+        if self.rank == 0:
+            save_model(self.model, str(path / "model.safetensors"))
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            torch.save(state, path / "optimizer.pt")
+        torch.save({"cpu": torch.get_rng_state()}, path / f"rng-{self.rank:05d}.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        # weights_only: tensors and plain containers only, nothing is unpickled beyond that
+        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = path / f"rng-{self.rank:05d}.pt"
+        if rng.is_file():  # absent when resuming at a larger world size
+            torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])

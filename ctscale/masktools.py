@@ -1,0 +1,258 @@
+"""Where does the child network live? Density tables, overlap between masks, heatmaps.
+
+Usage:
+
+    ctscale mask info [-v] runs/rte/mask.safetensors      # counts, density per layer x module type
+    ctscale mask overlap runs/rte/mask.safetensors runs/mrpc/mask [--json]
+    ctscale mask plot runs/rte/mask.safetensors --out density.png
+
+Everything here is LOCAL (no communication) and reads GLOBAL masks (all pieces of all files).
+``density_table`` and ``plot_density`` read headers only; ``overlap`` streams the payload one
+tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ctscale import store
+from ctscale.errors import MaskError
+from ctscale.store import MaskInfo
+
+# The integer after the first `layer.` / `layers.` / `h.` / `block(s).` component is the layer index.
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")
+
+# Module path (the name after the layer index, without .weight/.bias) -> normalised module type.
+# First match wins, so `attention.output.dense` is tested before BERT's FFN `output.dense`.
+MODULE_TYPES: list[tuple[str, str]] = [
+    (r"(?i)norm|(^|\.)ln(_\w+)?$", "norm"),  # LayerNorm, layer_norm, input_layernorm, ln_1
+    (r"(^|\.)(c_attn|qkv_proj|query_key_value|Wqkv)$", "qkv"),  # fused q/k/v (GPT-2, NeoX, Phi-3)
+    (r"(^|\.)(query|q_proj|query_proj|q)$", "query"),  # BERT, Llama/Qwen2, DeBERTa, XLNet
+    (r"(^|\.)(key|k_proj|key_proj|k)$", "key"),
+    (r"(^|\.)(value|v_proj|value_proj|v)$", "value"),
+    (r"attention\.output\.dense$|(attention|attn)\.(dense|c_proj|o|out_proj)$|(^|\.)o_proj$", "attn_out"),
+    (r"(^|\.)gate_proj$", "ffn_gate"),
+    (r"(^|\.)intermediate\.dense$|(^|\.)(up_proj|c_fc|fc1|dense_h_to_4h|layer_1)$", "ffn_in"),
+    (r"(^|\.)output\.dense$|mlp\.c_proj$|(^|\.)(down_proj|fc2|dense_4h_to_h|layer_2)$", "ffn_out"),
+]
+_MODULE_RES = [(re.compile(p), t) for p, t in MODULE_TYPES]
+_ORDER = ["query", "key", "value", "qkv", "attn_out", "ffn_gate", "ffn_in", "ffn_out", "norm"]
+DPI = 100  # plot size in pixels: width 240 + 80 per module type, height 200 + 40 per layer
+
+
+def layer_and_module(name: str) -> tuple[int | None, str]:
+    """(layer index or None, module type) of a canonical HF parameter name.
+
+    The layer index is the integer after the first ``layer.``/``layers.``/``h.``/``block(s).``
+    (None for embeddings, pooler, head). The module type is the first ``MODULE_TYPES`` match on
+    the module path, biases folded into their module; else the last module name.
+    """
+    match = _LAYER_RE.search(name)
+    path = name[match.end() :] if match else name
+    path = re.sub(r"\.(weight|bias)$", "", path) or name
+    for pattern, kind in _MODULE_RES:
+        if pattern.search(path):
+            return (int(match.group(1)) if match else None), kind
+    return (int(match.group(1)) if match else None), path.rsplit(".", 1)[-1]
+
+
+def density(selected: int, total: int) -> float:
+    """selected / total, NaN for an empty cell."""
+    return selected / total if total else math.nan
+
+
+def density_table(info: MaskInfo) -> dict[str, Any]:
+    """Selected and total entries per layer x module type, from the header counts (no payload).
+
+    Returns ``{"layers": [0, 1, .., None], "modules": [...], "cells": {layer: {module:
+    (selected, total)}}, "by_layer": {layer: (s, t)}, "by_module": {module: (s, t)},
+    "selected": s, "total": t}``; layer None ("other") sorts last, modules in ``_ORDER``.
+    """
+    cells: dict[int | None, dict[str, tuple[int, int]]] = {}
+    by_layer: dict[int | None, tuple[int, int]] = {}
+    by_module: dict[str, tuple[int, int]] = {}
+    for name, shape in info.shapes.items():
+        layer, module = layer_and_module(name)
+        s, t = info.selected[name], math.prod(shape)
+        row = cells.setdefault(layer, {})
+        for table, key in ((row, module), (by_layer, layer), (by_module, module)):
+            old = table.get(key, (0, 0))
+            table[key] = (old[0] + s, old[1] + t)
+    layers = sorted(cells, key=lambda x: (x is None, x or 0))
+    modules = sorted(by_module, key=lambda m: (_ORDER.index(m) if m in _ORDER else len(_ORDER), m))
+    table = dict(layers=layers, modules=modules, cells=cells, by_layer=by_layer, by_module=by_module)
+    return table | dict(selected=info.total_selected, total=info.total_entries)
+
+
+def density_matrix(table: dict[str, Any]) -> list[list[float]]:
+    """Rows = ``table["layers"]``, columns = ``table["modules"]``; NaN where a layer lacks a type."""
+    return [
+        [density(*table["cells"][layer].get(m, (0, 0))) for m in table["modules"]]
+        for layer in table["layers"]
+    ]
+
+
+def format_table(table: dict[str, Any]) -> list[str]:
+    """Text lines: density per layer x module type, an "all" column and row, counts per type."""
+    mods = table["modules"]
+    width = max([8, *map(len, mods)]) + 1
+
+    def cells(values: Sequence[float]) -> str:
+        return "".join(("-" if math.isnan(v) else f"{v:.4f}").rjust(width) for v in values)
+
+    lines = ["layer".rjust(6) + "".join(m.rjust(width) for m in mods) + "all".rjust(width)]
+    for layer, row in zip(table["layers"], density_matrix(table)):
+        label = "other" if layer is None else str(layer)
+        lines.append(label.rjust(6) + cells([*row, density(*table["by_layer"][layer])]))
+    totals = [density(*table["by_module"][m]) for m in mods]
+    lines.append("all".rjust(6) + cells([*totals, density(table["selected"], table["total"])]))
+    lines.append("per module type (selected / total):")
+    for m in mods:
+        s, t = table["by_module"][m]
+        lines.append(f"  {m:<{width}} {s} / {t} ({density(s, t):.4f})")
+    return lines
+
+
+def _stream(path: str | Path, info: MaskInfo, names: Sequence[str]) -> Iterator[torch.Tensor]:
+    """Global 1-D bool bits of each of ``names`` in turn; one tensor in memory at a time.
+
+    Unlike per-tensor ``store.load_mask`` calls, each file's checksum is verified once.
+    """
+    _, files = store._layout(Path(path))
+    parts: dict[str, list[tuple[Path, str, dict[str, Any]]]] = {}
+    for f, checksum, descs in files:
+        for d in descs:
+            parts.setdefault(d["name"], []).append((f, checksum, d))
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name in names:
+            n = math.prod(info.shapes[name])
+            bits, cursor = torch.zeros(n, dtype=torch.bool), 0
+            for f, checksum, d in sorted(parts[name], key=lambda p: p[2]["start"]):
+                if d["start"] == d["end"]:
+                    continue  # an empty piece of an empty tensor
+                if d["start"] != cursor:
+                    break  # a gap: reported below
+                if f not in handles:
+                    if not f.is_file():
+                        raise MaskError(f"{path}: shard {f.name} is missing; re-create the mask")
+                    store._verify(f, checksum)
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                bits[cursor : d["end"]] = store._read_range(handles[f], d, d["start"], d["end"])
+                cursor = d["end"]
+            if cursor != n or int(torch.count_nonzero(bits)) != info.selected[name]:
+                raise MaskError(f"{path}: the bits of {name!r} disagree with its index; re-create the mask")
+            yield bits
+
+
+def _same_model(infos: Sequence[MaskInfo]) -> None:
+    """MaskError naming the first difference unless every mask has the first one's names/shapes."""
+    ref = infos[0]
+    for other in infos[1:]:
+        for a, b in ((ref, other), (other, ref)):
+            extra = sorted(set(a.shapes) - set(b.shapes))
+            if extra:
+                more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+                raise MaskError(
+                    f"masks of different models or candidate scopes: {a.path} has {', '.join(extra[:3])}"
+                    f"{more}, {b.path} does not; compare masks of the same model and scope"
+                )
+        for name in sorted(ref.shapes):
+            if ref.shapes[name] != other.shapes[name]:
+                raise MaskError(
+                    f"masks of different models: {name!r} has shape {list(ref.shapes[name])} in "
+                    f"{ref.path} but {list(other.shapes[name])} in {other.path}"
+                )
+
+
+def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Pairwise overlap of two or more masks of the same model, streamed tensor by tensor.
+
+    Per pair (i < j): intersection |A∩B|, union, Jaccard |A∩B|/|A∪B|, overlap ratio
+    |A∩B|/min(|A|,|B|), the intersection expected for independent random masks of the same
+    densities |A||B|/N, and ``lift`` = intersection / expected (> 1: more shared than chance).
+    Undefined ratios (0/0) are None.
+    """
+    if len(paths) < 2:
+        raise MaskError(f"overlap needs two or more masks, got {len(paths)}")
+    infos = [store.read_info(p) for p in paths]
+    _same_model(infos)
+    names = sorted(infos[0].shapes)
+    k, total = len(paths), infos[0].total_entries
+    inter = dict.fromkeys(itertools.combinations(range(k), 2), 0)
+    for bits in zip(*(_stream(p, info, names) for p, info in zip(paths, infos))):
+        for i, j in inter:
+            inter[i, j] += int(torch.count_nonzero(bits[i] & bits[j]))
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    masks = [
+        dict(path=str(p), selected=info.total_selected, density=ratio(info.total_selected, total))
+        | {key: info.metadata.get(key) for key in ("method", "reserve_p", "task")}
+        for p, info in zip(paths, infos)
+    ]
+    pairs = []
+    for (i, j), n in inter.items():
+        a, b = masks[i]["selected"], masks[j]["selected"]
+        union, expected = a + b - n, (a * b / total if total else 0.0)
+        stats = dict(intersection=n, union=union, jaccard=ratio(n, union), overlap_ratio=ratio(n, min(a, b)))
+        pairs.append(dict(a=i, b=j) | stats | dict(expected_intersection=expected, lift=ratio(n, expected)))
+    return dict(total_entries=total, masks=masks, pairs=pairs)
+
+
+def plot_density(info: MaskInfo, png_path: str | Path) -> list[list[float]]:
+    """Write a heatmap of density per layer (y) x module type (x); return the plotted matrix.
+
+    Agg canvas (no pyplot, no global backend switch); written atomically (temp file + replace).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = density_table(info)
+    matrix = density_matrix(table)
+    rows, cols = len(table["layers"]), len(table["modules"])
+    fig = Figure(figsize=((240 + 80 * cols) / DPI, (200 + 40 * rows) / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    finite = [v for row in matrix for v in row if not math.isnan(v)]
+    vmax = max(finite, default=0.0) or 1.0
+    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    for r, row in enumerate(matrix):
+        for c, v in enumerate(row):
+            if not math.isnan(v):
+                color = "black" if v > 0.6 * vmax else "white"
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(cols), table["modules"], rotation=45, ha="right")
+    ax.set_yticks(range(rows), ["other" if x is None else str(x) for x in table["layers"]])
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    meta = info.metadata
+    ax.set_title(
+        f"child-network density: {meta.get('method', '?')} p={meta.get('reserve_p', '?')} "
+        f"task={meta.get('task', '?')}\n{table['selected']} / {table['total']} entries",
+        fontsize=9,
+    )
+    fig.colorbar(image, ax=ax, label="selected / total")
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, png_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return matrix

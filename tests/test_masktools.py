@@ -1,0 +1,323 @@
+"""Tests for ctscale.masktools and `ctscale mask info|overlap|plot`: exact numbers on hand-made masks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from ctscale import store
+from ctscale.cli import main
+from ctscale.errors import MaskError
+from ctscale.masktools import density_table, layer_and_module, overlap, plot_density
+from ctscale.store import MaskPiece, read_info, save_mask
+
+nan = math.nan
+
+# A BERT-like model (hidden 2, intermediate 4) plus two non-layer tensors, and per-tensor counts:
+# the first `count` flat entries of each tensor are selected (unlisted tensors: none).
+BERT_LAYER = {
+    "attention.self.query.weight": (2, 2),
+    "attention.self.query.bias": (2,),
+    "attention.self.key.weight": (2, 2),
+    "attention.self.key.bias": (2,),
+    "attention.self.value.weight": (2, 2),
+    "attention.self.value.bias": (2,),
+    "attention.output.dense.weight": (2, 2),
+    "attention.output.dense.bias": (2,),
+    "attention.output.LayerNorm.weight": (2,),
+    "attention.output.LayerNorm.bias": (2,),
+    "intermediate.dense.weight": (4, 2),
+    "intermediate.dense.bias": (4,),
+    "output.dense.weight": (2, 4),
+    "output.dense.bias": (2,),
+    "output.LayerNorm.weight": (2,),
+    "output.LayerNorm.bias": (2,),
+}
+BERT = {f"bert.encoder.layer.{i}.{k}": s for i in range(2) for k, s in BERT_LAYER.items()}
+BERT |= {"bert.embeddings.LayerNorm.weight": (2,), "classifier.weight": (2, 2)}
+L0, L1 = "bert.encoder.layer.0.", "bert.encoder.layer.1."
+BERT_COUNTS = {
+    L0 + "attention.self.query.weight": 4,
+    L0 + "attention.self.key.weight": 2,
+    L0 + "attention.self.key.bias": 1,
+    L0 + "attention.output.dense.weight": 3,
+    L0 + "attention.output.LayerNorm.weight": 1,
+    L0 + "output.LayerNorm.bias": 1,
+    L0 + "intermediate.dense.weight": 6,
+    L0 + "output.dense.weight": 2,
+    L0 + "output.dense.bias": 1,
+    L1 + "attention.self.query.weight": 1,
+    L1 + "intermediate.dense.bias": 4,
+    L1 + "output.LayerNorm.weight": 2,
+    "bert.embeddings.LayerNorm.weight": 1,
+}
+META = {"method": "ct-d", "reserve_p": 0.25, "task": "rte"}
+
+# A Qwen2-like model (q/k/v biases), 2 layers: 50 entries a layer, N = 100.
+LLAMA_LAYER = {
+    "self_attn.q_proj.weight": (2, 2),
+    "self_attn.q_proj.bias": (2,),
+    "self_attn.k_proj.weight": (2, 2),
+    "self_attn.k_proj.bias": (2,),
+    "self_attn.v_proj.weight": (2, 2),
+    "self_attn.v_proj.bias": (2,),
+    "self_attn.o_proj.weight": (2, 2),
+    "mlp.gate_proj.weight": (4, 2),
+    "mlp.up_proj.weight": (4, 2),
+    "mlp.down_proj.weight": (2, 4),
+    "input_layernorm.weight": (2,),
+    "post_attention_layernorm.weight": (2,),
+}
+LLAMA = {f"model.layers.{i}.{k}": s for i in range(2) for k, s in LLAMA_LAYER.items()}
+
+
+def pieces_from_flat(shapes: dict, flat: torch.Tensor, split: int | None = None) -> list[MaskPiece]:
+    """Cut one global bit vector (tensors in ``shapes`` order) into per-tensor pieces.
+
+    With ``split``, every tensor longer than it is saved as two pieces [0, split), [split, n).
+    """
+    out, offset = [], 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        bits = flat[offset : offset + n]
+        cuts = [0, split, n] if split and n > split else [0, n]
+        out += [MaskPiece(name, shape, a, b, bits[a:b].clone()) for a, b in zip(cuts, cuts[1:])]
+        offset += n
+    assert offset == flat.numel()
+    return out
+
+
+def bert_mask(path: Path) -> Path:
+    pieces = []
+    for name, shape in BERT.items():
+        bits = torch.arange(math.prod(shape)) < BERT_COUNTS.get(name, 0)
+        pieces.append(MaskPiece(name, shape, 0, bits.numel(), bits))
+    save_mask(path, pieces, META)
+    return path
+
+
+@pytest.fixture
+def llama_masks(tmp_path: Path) -> list[Path]:
+    """A: i % 2 == 0 (50), B: i % 5 == 0 (20), C: i % 2 == 0 and i < 40 (20), i = global index."""
+    i = torch.arange(100)
+    a, b, c = i % 2 == 0, i % 5 == 0, (i % 2 == 0) & (i < 40)
+    pa, pb, pc = tmp_path / "a.safetensors", tmp_path / "b", tmp_path / "c"
+    save_mask(pa, pieces_from_flat(LLAMA, a), META | {"task": "a"})
+    # B: two shards, each tensor cut at flat index 3 (not byte aligned)
+    pieces = pieces_from_flat(LLAMA, b, split=3)
+    halves = [[p for p in pieces if p.start == 0], [p for p in pieces if p.start > 0]]
+    meta_b = META | {"task": "b"}
+    store._write_index(pb, [store._save_shard(pb, h, r, 2, meta_b) for r, h in enumerate(halves)], meta_b)
+    save_mask(pc, pieces_from_flat(LLAMA, c, split=5), META | {"task": "c"})
+    return [pa, pb, pc]
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("bert.encoder.layer.3.attention.self.query.weight", (3, "query")),
+        ("bert.encoder.layer.3.attention.self.query.bias", (3, "query")),
+        ("roberta.encoder.layer.11.attention.self.key.weight", (11, "key")),
+        ("bert.encoder.layer.0.attention.self.value.bias", (0, "value")),
+        ("bert.encoder.layer.2.attention.output.dense.weight", (2, "attn_out")),
+        ("bert.encoder.layer.2.attention.output.LayerNorm.bias", (2, "norm")),
+        ("bert.encoder.layer.2.intermediate.dense.weight", (2, "ffn_in")),
+        ("bert.encoder.layer.2.output.dense.bias", (2, "ffn_out")),
+        ("bert.encoder.layer.2.output.LayerNorm.weight", (2, "norm")),
+        ("bert.embeddings.word_embeddings.weight", (None, "word_embeddings")),
+        ("bert.embeddings.LayerNorm.weight", (None, "norm")),
+        ("bert.pooler.dense.weight", (None, "dense")),
+        ("classifier.weight", (None, "classifier")),
+        ("model.layers.7.self_attn.q_proj.weight", (7, "query")),
+        ("model.layers.7.self_attn.q_proj.bias", (7, "query")),
+        ("model.layers.7.self_attn.k_proj.weight", (7, "key")),
+        ("model.layers.7.self_attn.v_proj.bias", (7, "value")),
+        ("model.layers.7.self_attn.o_proj.weight", (7, "attn_out")),
+        ("model.layers.7.mlp.gate_proj.weight", (7, "ffn_gate")),
+        ("model.layers.7.mlp.up_proj.weight", (7, "ffn_in")),
+        ("model.layers.7.mlp.down_proj.weight", (7, "ffn_out")),
+        ("model.layers.7.input_layernorm.weight", (7, "norm")),
+        ("model.layers.7.post_attention_layernorm.weight", (7, "norm")),
+        ("model.norm.weight", (None, "norm")),
+        ("lm_head.weight", (None, "lm_head")),
+        ("classifier.out_proj.weight", (None, "out_proj")),  # RoBERTa head: not attention
+        ("model.decoder.layers.2.self_attn.out_proj.bias", (2, "attn_out")),  # OPT, BART
+        ("deberta.encoder.layer.1.attention.self.query_proj.weight", (1, "query")),
+        ("encoder.block.0.layer.1.DenseReluDense.wi.weight", (0, "wi")),  # T5: block, not sub-layer
+        ("transformer.h.1.attn.c_attn.weight", (1, "qkv")),
+        ("transformer.h.1.attn.c_proj.bias", (1, "attn_out")),
+        ("transformer.h.1.mlp.c_fc.weight", (1, "ffn_in")),
+        ("transformer.h.1.mlp.c_proj.weight", (1, "ffn_out")),
+        ("transformer.h.1.ln_2.weight", (1, "norm")),
+        ("transformer.layer.4.rel_attn.o", (4, "attn_out")),
+        ("transformer.layer.4.ff.layer_2.weight", (4, "ffn_out")),
+        ("vit.blocks.5.mystery.thing.weight", (5, "thing")),
+    ],
+)
+def test_layer_and_module(name: str, expected: tuple) -> None:
+    assert layer_and_module(name) == expected
+
+
+def test_density_table_bert(tmp_path: Path) -> None:
+    table = density_table(read_info(bert_mask(tmp_path / "bert.safetensors")))
+    assert table["layers"] == [0, 1, None]
+    assert table["modules"] == "query key value attn_out ffn_in ffn_out norm classifier".split()
+    assert table["cells"] == {
+        0: {"query": (4, 6), "key": (3, 6), "value": (0, 6), "attn_out": (3, 6)}
+        | {"norm": (2, 8), "ffn_in": (6, 12), "ffn_out": (3, 10)},
+        1: {"query": (1, 6), "key": (0, 6), "value": (0, 6), "attn_out": (0, 6)}
+        | {"norm": (2, 8), "ffn_in": (4, 12), "ffn_out": (0, 10)},
+        None: {"norm": (1, 2), "classifier": (0, 4)},
+    }
+    assert table["by_module"] == {"query": (5, 12), "key": (3, 12), "value": (0, 12), "attn_out": (3, 12)} | {
+        "ffn_in": (10, 24),
+        "ffn_out": (3, 20),
+        "norm": (5, 18),
+        "classifier": (0, 4),
+    }
+    assert table["by_layer"] == {0: (21, 54), 1: (7, 54), None: (1, 6)}
+    assert (table["selected"], table["total"]) == (29, 114)
+
+
+def test_density_table_llama(llama_masks: list[Path]) -> None:
+    """Mask C (even i < 40) covers layer 0's first 40 entries, in LLAMA_LAYER order."""
+    table = density_table(read_info(llama_masks[2]))
+    assert table["modules"] == ["query", "key", "value", "attn_out", "ffn_gate", "ffn_in", "ffn_out", "norm"]
+    assert table["cells"][0] == {"query": (3, 6), "key": (3, 6), "value": (3, 6), "attn_out": (2, 4)} | {
+        "ffn_gate": (4, 8),
+        "ffn_in": (4, 8),
+        "ffn_out": (1, 8),
+        "norm": (0, 4),
+    }
+    assert all(s == 0 for s, _ in table["cells"][1].values())
+    assert table["by_layer"] == {0: (20, 50), 1: (0, 50)}
+
+
+EXPECTED_PAIRS = [  # (a, b, |A∩B|, |A∪B|, jaccard, overlap ratio, expected |A||B|/N, lift)
+    (0, 1, 10, 60, 1 / 6, 0.5, 10.0, 1.0),
+    (0, 2, 20, 50, 0.4, 1.0, 10.0, 2.0),
+    (1, 2, 4, 36, 1 / 9, 0.2, 4.0, 1.0),
+]
+
+
+def test_overlap_exact(llama_masks: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    verified: list[str] = []
+    real_verify = store._verify
+    monkeypatch.setattr(store, "_verify", lambda f, c: (verified.append(f.name), real_verify(f, c)))
+    result = overlap(llama_masks)
+    assert sorted(verified) == sorted(  # each file's checksum checked once, not once per tensor
+        ["a.safetensors", "mask-00000-of-00002.safetensors", "mask-00001-of-00002.safetensors"]
+        + ["mask-00000-of-00001.safetensors"]
+    )
+    assert result["total_entries"] == 100
+    assert [(m["selected"], m["density"], m["task"]) for m in result["masks"]] == [
+        (50, 0.5, "a"),
+        (20, 0.2, "b"),
+        (20, 0.2, "c"),
+    ]
+    got = [
+        (p["a"], p["b"], p["intersection"], p["union"], p["jaccard"], p["overlap_ratio"])
+        + (p["expected_intersection"], p["lift"])
+        for p in result["pairs"]
+    ]
+    assert len(got) == len(EXPECTED_PAIRS)
+    for pair, want in zip(got, EXPECTED_PAIRS):
+        assert pair == pytest.approx(want, abs=1e-12)
+    assert overlap(llama_masks[:2])["pairs"][0]["intersection"] == 10
+
+
+def test_overlap_of_empty_masks_is_undefined_not_an_error(tmp_path: Path) -> None:
+    zero = torch.zeros(100, dtype=torch.bool)
+    paths = [tmp_path / "x.safetensors", tmp_path / "y.safetensors"]
+    for p in paths:
+        save_mask(p, pieces_from_flat(LLAMA, zero), META)
+    (pair,) = overlap(paths)["pairs"]
+    assert [pair[k] for k in ("intersection", "jaccard", "overlap_ratio", "lift")] == [0, None, None, None]
+
+
+def test_overlap_rejects_other_models(tmp_path: Path, llama_masks: list[Path]) -> None:
+    with pytest.raises(
+        MaskError, match=r"a.safetensors has model.layers.0.input_layernorm.weight, .*21 more"
+    ):
+        overlap([llama_masks[0], bert_mask(tmp_path / "bert.safetensors")])
+    extra = dict(LLAMA) | {"lm_head.weight": (2,)}  # one tensor more: the message names it
+    save_mask(tmp_path / "e.safetensors", pieces_from_flat(extra, torch.ones(102, dtype=torch.bool)), META)
+    with pytest.raises(MaskError, match=r"e.safetensors has lm_head.weight, .*b does not"):
+        overlap([llama_masks[1], tmp_path / "e.safetensors"])
+    other = dict(LLAMA) | {"model.layers.1.mlp.down_proj.weight": (4, 2)}  # same names, one shape differs
+    save_mask(tmp_path / "d.safetensors", pieces_from_flat(other, torch.ones(100, dtype=torch.bool)), META)
+    with pytest.raises(MaskError, match=r"down_proj.weight.*shape \[2, 4\].*\[4, 2\]"):
+        overlap([llama_masks[0], tmp_path / "d.safetensors"])
+    with pytest.raises(MaskError, match="two or more"):
+        overlap(llama_masks[:1])
+
+
+def test_overlap_detects_corrupt_payload(llama_masks: list[Path]) -> None:
+    data = bytearray(llama_masks[0].read_bytes())
+    data[-1] ^= 0xFF
+    llama_masks[0].write_bytes(bytes(data))
+    with pytest.raises(MaskError, match="checksum"):
+        overlap(llama_masks)
+
+
+def test_plot_density(tmp_path: Path) -> None:
+    info = read_info(bert_mask(tmp_path / "bert.safetensors"))
+    png = tmp_path / "plots" / "density.png"
+    matrix = plot_density(info, png)
+    expected = [
+        [4 / 6, 3 / 6, 0.0, 3 / 6, 6 / 12, 3 / 10, 2 / 8, nan],
+        [1 / 6, 0.0, 0.0, 0.0, 4 / 12, 0.0, 2 / 8, nan],
+        [nan, nan, nan, nan, nan, nan, 1 / 2, 0.0],
+    ]
+    assert len(matrix) == len(expected)
+    for row, want in zip(matrix, expected):
+        assert row == pytest.approx(want, nan_ok=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(png)
+    assert image.shape == (200 + 40 * 3, 240 + 80 * 8, 4)  # 3 layers (0, 1, other) x 8 module types
+    assert image[..., :3].std() > 0.05  # something was drawn
+    assert [p.name for p in png.parent.iterdir()] == ["density.png"]  # no temp file left
+
+
+def test_cli_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = bert_mask(tmp_path / "bert.safetensors")
+    assert main(["mask", "info", "-v", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "selected: 29 / 114 entries (25.4386%) in 34 tensors" in out
+    assert 'task: "rte"' in out
+    assert f"{L0}attention.self.query.weight [2, 2] 1.0000" in out
+    lines = [line.split() for line in out.splitlines()]
+    assert "layer query key value attn_out ffn_in ffn_out norm classifier all".split() in lines
+    assert "0 0.6667 0.5000 0.0000 0.5000 0.5000 0.3000 0.2500 - 0.3889".split() in lines
+    assert "1 0.1667 0.0000 0.0000 0.0000 0.3333 0.0000 0.2500 - 0.1296".split() in lines
+    assert "other - - - - - - 0.5000 0.0000 0.1667".split() in lines
+    assert "all 0.4167 0.2500 0.0000 0.2500 0.4167 0.1500 0.2778 0.0000 0.2544".split() in lines
+    assert ["ffn_in", "10", "/", "24", "(0.4167)"] in lines
+
+
+def test_cli_overlap(llama_masks: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [str(p) for p in llama_masks]
+    assert main(["mask", "overlap", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "3 masks of 100 candidate entries each:" in out
+    assert "[1] vs [2]: intersection 4, jaccard 0.1111, overlap ratio 0.2000, expected by chance 4.0" in out
+    pair_02 = "intersection 20, jaccard 0.4000, overlap ratio 1.0000, expected by chance 10.0 (lift 2.00)"
+    assert f"[0] vs [2]: {pair_02}" in out
+    assert main(["mask", "overlap", *paths, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [p["intersection"] for p in result["pairs"]] == [10, 20, 4]
+    assert result["pairs"][0]["jaccard"] == pytest.approx(1 / 6)
+    assert main(["mask", "overlap", paths[0], str(bert_mask(tmp_path / "bert.safetensors"))]) == 2
+    assert "ctscale: error: masks of different models" in capsys.readouterr().err
+
+
+def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "density.png"
+    assert main(["mask", "plot", str(bert_mask(tmp_path / "bert.safetensors")), "--out", str(png)]) == 0
+    assert f"wrote {png}: density of 3 layer(s) x 8 module type(s)" in capsys.readouterr().out
+    assert matplotlib.image.imread(png).shape == (320, 880, 4)
