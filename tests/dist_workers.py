@@ -103,6 +103,11 @@ def train_attempt(rank: int, world_size: int, overrides: list[str], stop_at: int
     return {"steps": steps, "state": {k: v.float().clone() for k, v in state.items()} if state else None}
 
 
+def train_attempts(rank: int, world_size: int, runs: list[list[str]], stop_at: int | None) -> list[dict]:
+    """``train_attempt`` for several override lists in one process group."""
+    return [train_attempt(rank, world_size, o, stop_at) for o in runs]
+
+
 def stop_then_resume(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
     """Per override list: an attempt stopped before step 2, then a new Trainer (new backend,
     model from disk) resuming from the newest checkpoint. Returns [first, second] attempts."""

@@ -15,7 +15,7 @@ import torch
 
 from conftest import NEEDS, ROWS
 from dist_harness import run_world
-from dist_workers import stop_then_resume, tiny_overrides, train_attempt
+from dist_workers import stop_then_resume, tiny_overrides, train_attempts
 
 pytestmark = pytest.mark.slow
 METHODS = ("ct-f", "ct-d")
@@ -54,13 +54,17 @@ def test_stop_and_resume_equals_uninterrupted(row, tiny_bert, glue_dir, tmp_path
         _assert_bit_identical(second["state"], straight[method]["state"], f"{row} x{size} {method}")
 
 
-def test_ddp_checkpoint_resumes_at_another_world_size(tiny_bert, glue_dir, tmp_path, reference):
-    """DDP checkpoints hold whole tensors: stopped with 2 ranks, resumed with 3 (CT-D's mask is
-    resharded on load); equal to the 1-process run up to reduction-order rounding."""
-    for method in METHODS:
-        overrides = _overrides(ROWS["ddp"], tmp_path, tiny_bert, glue_dir, method)
-        first = run_world(train_attempt, 2, overrides, 2)[0]
-        second = run_world(train_attempt, 3, [*overrides, "train.resume=true"], None)[0]
-        assert first["steps"] == [0, 1] and second["steps"] == [2, 3]
-        diff = max((second["state"][k] - v).abs().max().item() for k, v in reference[method]["state"].items())
-        assert diff <= 5e-6, f"{method}: {diff}"
+@pytest.mark.parametrize("row", ["ddp", "fsdp"])
+def test_resume_at_another_world_size(row, tiny_bert, glue_dir, tmp_path, reference):
+    """DDP checkpoints hold whole tensors and FSDP2's (torch.distributed.checkpoint) reshard on
+    load: stopped with 2 ranks, resumed with 3 (CT-D's mask resharded too); equal to the
+    1-process run up to reduction-order rounding."""
+    if not _supported(row):
+        pytest.skip(f"{row}: no checkpoint support yet")
+    runs = [_overrides(ROWS[row], tmp_path, tiny_bert, glue_dir, m) for m in METHODS]
+    first = run_world(train_attempts, 2, runs, 2)[0]
+    second = run_world(train_attempts, 3, [[*o, "train.resume=true"] for o in runs], None)[0]
+    for method, a, b in zip(METHODS, first, second):
+        assert a["steps"] == [0, 1] and b["steps"] == [2, 3]
+        diff = max((b["state"][k] - v).abs().max().item() for k, v in reference[method]["state"].items())
+        assert diff <= 5e-6, f"{row} {method}: max |w - w_1proc| = {diff:.3g}"

@@ -26,10 +26,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -182,3 +189,25 @@ class FSDPBackend:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Sharded model + optimizer via torch.distributed.checkpoint (each rank writes its own
+        shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / "dcp"))
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, path / "scheduler.pt")
+        torch.save({"cpu": torch.get_rng_state()}, path / f"rng-{self.rank:05d}.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))  # reshards to this world size
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        # weights_only: tensors and plain containers only
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
+        rng = path / f"rng-{self.rank:05d}.pt"
+        if rng.is_file():  # absent when resuming at a larger world size
+            torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
