@@ -7,14 +7,17 @@
 #
 # Everything after the script name goes to `ctscale train`. Environment:
 #   NPROC (2) processes per node; NNODES (1); NODE_RANK (0); MASTER_ADDR (127.0.0.1);
-#   MASTER_PORT (29500); MAX_RESTARTS (0): elastic restarts of the whole worker group.
+#   MASTER_PORT (29500); MAX_RESTARTS (0): elastic restarts of the whole worker group (a
+#   restarted job resumes from its newest checkpoint when the config sets train.resume=true);
+#   RDZV_ID (ctscale): the c10d rendezvous id, the same on every node of one job.
 # On CPU machines the gloo backend is used; set GLOO_SOCKET_IFNAME when nodes have several NICs.
 set -euo pipefail
 exec torchrun \
   --nproc_per_node "${NPROC:-2}" \
   --nnodes "${NNODES:-1}" \
   --node_rank "${NODE_RANK:-0}" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" \
-  --master_port "${MASTER_PORT:-29500}" \
+  --rdzv_backend c10d \
+  --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
+  --rdzv_id "${RDZV_ID:-ctscale}" \
   --max_restarts "${MAX_RESTARTS:-0}" \
   -m ctscale train "$@"
