@@ -22,8 +22,9 @@ from transformers import get_linear_schedule_with_warmup
 from ctscale import batching, dist
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
-from ctscale.checkpoint import CheckpointManager
+from ctscale.checkpoint import STATE_FILE, CheckpointManager
 from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
+from ctscale.child_optim import ChildAdamW, ChildMask
 from ctscale.config import Config, load_config, save_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator
@@ -65,18 +66,24 @@ def _subsample(examples: Examples, limit: int | None, seed: int) -> Examples:
     return examples.subset(sorted(order[:limit].tolist()))
 
 
-def adamw_factory(cfg: Config):
-    """AdamW with decoupled weight decay on every entry except biases and norms (as HF)."""
+def adamw_factory(cfg: Config, child: ChildMask | None = None):
+    """AdamW with decoupled weight decay on every entry except biases and norms (as HF).
+
+    With ``child`` (CT-D, ``method.child_only_optimizer``): ``ChildAdamW``, the same update with
+    state only for the child entries of candidate parameters."""
 
     def make(named: NamedParams) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in named if p.requires_grad]
         groups = [
             {
-                "params": [p for n, p in named if not n.endswith(NO_DECAY)],
+                "params": [(n, p) for n, p in named if not n.endswith(NO_DECAY)],
                 "weight_decay": cfg.train.weight_decay,
             },
-            {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+            {"params": [(n, p) for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
         ]
+        if child is not None:
+            return ChildAdamW(groups, child, lr=cfg.train.lr, eps=1e-8)
+        groups = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
         return torch.optim.AdamW(groups, lr=cfg.train.lr, eps=1e-8)
 
     return make
@@ -115,10 +122,14 @@ class Trainer:
             lambda opt: get_linear_schedule_with_warmup(opt, warmup, self.total_steps),
         )
         self.fingerprint = model_fingerprint(self.backend.param_shapes())
+        self._check_output_dir()  # every rank: a failure must stop all of them
+
+    def _start_run_dir(self) -> None:
+        """Write the resolved config; only once the run is known to be able to start, so that
+        a bad input never changes a previous run's files."""
         if self.is_main:
-            self._check_output_dir()
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            save_config(self.cfg, self.out / "config.yaml")
         dist.barrier()
 
     def _check_output_dir(self) -> None:
@@ -171,13 +182,17 @@ class Trainer:
         resume_from = checkpoints.latest() if self.cfg.train.resume else None
         started = time.perf_counter()
         if resume_from is None:
-            strategy = build_strategy(self.cfg, self.backend, self.fisher_pass)
+            strategy = self.child_only(build_strategy(self.cfg, self.backend, self.fisher_pass))
             self.mask_path, start_step = ctd_mask_path(self.cfg), 0
         else:
+            # mask first: a child-only optimizer is built from it and must exist before its state loads
+            saved_mask = json.loads((resume_from / STATE_FILE).read_text()).get("mask")
+            self.mask_path = ctd_mask_path(self.cfg, saved_mask)
+            strategy = self.child_only(build_strategy(self.cfg, self.backend, None, self.mask_path))
             state = checkpoints.load(self.backend, resume_from, {"model_fingerprint": self.fingerprint})
-            self.mask_path = ctd_mask_path(self.cfg, state.get("mask"))
-            strategy = build_strategy(self.cfg, self.backend, None, self.mask_path)
             start_step = state["step"]
+        self._start_run_dir()
+        if resume_from is not None:
             self.log({"event": "resumed", "step": start_step, "from": str(resume_from)})
         self.log(
             {
@@ -190,6 +205,16 @@ class Trainer:
         if self.cfg.train.save_model:
             self.save_model()
         return metrics
+
+    def child_only(self, strategy: MaskStrategy) -> MaskStrategy:
+        """``method.child_only_optimizer``: replace the optimizer (built in ``setup``, before the
+        mask existed; no state yet) by ``ChildAdamW`` and the bool CT-D mask by the child index,
+        which masks the gradients from now on (clipping then sees dense CT-D's norm)."""
+        if not self.cfg.method.child_only_optimizer:
+            return strategy
+        child = ChildMask.from_fixed(strategy)
+        self.backend.replace_optimizer(adamw_factory(self.cfg, child))
+        return child
 
     def fit(
         self, strategy: MaskStrategy, start_step: int = 0, checkpoints: CheckpointManager | None = None

