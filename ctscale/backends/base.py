@@ -84,3 +84,14 @@ class Backend(Protocol):
         ...
 
     def lr(self) -> float: ...
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write model, optimizer, scheduler and RNG state into the existing directory ``path``.
+
+        Collective; each rank writes its own files (nothing is written twice).
+        """
+        ...
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what ``save_checkpoint`` wrote; a clear error where the world size cannot change."""
+        ...
