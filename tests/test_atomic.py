@@ -1,0 +1,80 @@
+"""Writers killed half way leave nothing that loads as valid, and the old files intact:
+checkpoints (``latest`` moves only after a complete write) and the exported model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctscale.checkpoint import CheckpointManager
+from ctscale.config import load_config
+from ctscale.trainer import Trainer
+
+from dist_workers import tiny_overrides
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def trained(tiny_bert, glue_dir, tmp_path):
+    cfg = load_config(
+        None, tiny_overrides(tiny_bert, glue_dir, tmp_path) + ["method.name=ct-f", "train.save_model=true"]
+    )
+    trainer = Trainer(cfg)
+    trainer.run()  # checkpoints at steps 2 and 4, model exported
+    return trainer, tmp_path
+
+
+def test_checkpoint_writer_killed_half_way_leaves_latest_on_the_complete_one(trained, monkeypatch):
+    trainer, out = trained
+    manager = CheckpointManager(out, keep=2)
+    assert manager.latest().name == "step-00000004"
+    real_save = trainer.backend.save_checkpoint
+
+    def dies_half_way(path):
+        real_save(path)
+        (path / "model.safetensors").write_bytes(b"partial")  # a torn write
+        raise Killed
+
+    monkeypatch.setattr(trainer.backend, "save_checkpoint", dies_half_way)
+    with pytest.raises(Killed):
+        manager.save(trainer.backend, 6, {"model_fingerprint": trainer.fingerprint})
+    assert manager.latest().name == "step-00000004"
+    assert not (out / "checkpoints" / "step-00000006").exists()
+    monkeypatch.undo()
+    # the next save cleans the torn temporary directory and completes
+    manager.save(trainer.backend, 6, {"model_fingerprint": trainer.fingerprint})
+    assert manager.latest().name == "step-00000006"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004", "step-00000006"]
+
+
+def test_model_export_killed_half_way_keeps_the_previous_model(trained, monkeypatch):
+    trainer, out = trained
+    before = load_file(out / "model" / "model.safetensors")
+    model = trainer.backend.unwrapped_model()
+    real = model.save_pretrained
+
+    def dies_half_way(path, **kwargs):
+        real(path, **kwargs)
+        raise Killed
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the new export would differ
+    monkeypatch.setattr(model, "save_pretrained", dies_half_way)
+    with pytest.raises(Killed):
+        trainer.save_model()
+    after = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_latest_pointing_to_a_missing_checkpoint_is_a_clear_error(trained):
+    _, out = trained
+    (out / "checkpoints" / "latest").write_text("step-00000099")
+    from ctscale.errors import CtscaleError
+
+    with pytest.raises(CtscaleError, match="step-00000099"):
+        CheckpointManager(out).latest()
