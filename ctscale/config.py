@@ -76,6 +76,7 @@ class TrainConfig:
     bf16: bool = False
     save_every: int = 0  # checkpoint every N optimizer steps; 0: only the final model
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    tensorboard: bool = True  # scalars under output_dir/tensorboard (rank 0)
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
 
 

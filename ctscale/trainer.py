@@ -97,6 +97,7 @@ class Trainer:
         self.backend = backend or build_backend(cfg)
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.backend.rank == 0
+        self._tb = None  # TensorBoard writer, opened on the first record
         self.micro = batching.micro_batch_size(
             cfg.train.batch_size, cfg.train.grad_accum, self.backend.world_size
         )
@@ -292,6 +293,7 @@ class Trainer:
         record = {"time": round(time.time(), 3), **record}
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._tensorboard(record)
         if record["event"] == "eval":
             tqdm.write(
                 " ".join(
@@ -300,6 +302,21 @@ class Trainer:
                     if k not in ("time", "event")
                 )
             )
+
+    def _tensorboard(self, record: dict) -> None:
+        """Scalars of train and eval records under ``output_dir/tensorboard`` (rank 0)."""
+        if not self.cfg.train.tensorboard or record["event"] not in ("train", "eval"):
+            return
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("time", "step"):
+                self._tb.add_scalar(
+                    f"{record['event']}/{key}" if "/" not in key else key, value, record["step"]
+                )
+        self._tb.flush()
 
     def save_model(self) -> Path:
         """Consolidated HF model + tokenizer under ``output_dir/model``, replaced atomically."""

@@ -116,6 +116,11 @@ def test_cli_fisher_then_train_with_mask_then_info(tiny_bert, glue_dir, tmp_path
     assert (tmp_path / "run" / "config.yaml").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"train/loss", "train/lr", "validation/accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [4]
     assert main(["mask", "info", "-v", str(mask)]) == 0
     out = capsys.readouterr().out
     assert "selected: 5126 / 17088" in out and 'method: "ct-d"' in out
