@@ -115,7 +115,8 @@ class Trainer:
                 f"batch (train.batch_size={cfg.train.batch_size})"
             )
         self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
-        model = load_classifier(cfg.model, self.data.task)
+        with self.backend.model_init_context():  # ZeRO-3: built already partitioned
+            model = load_classifier(cfg.model, self.data.task)
         warmup = math.ceil(cfg.train.warmup_ratio * self.total_steps)
         self.backend.setup(
             model,

@@ -55,9 +55,20 @@ def glue_dir() -> Path:
 METHODS = ("vanilla", "ct-f", "ct-d")
 ROWS = {
     "ddp": ["distributed.backend=ddp"],
-    "zero1": ["distributed.backend=deepspeed", "distributed.zero_stage=1"],
-    "zero2": ["distributed.backend=deepspeed", "distributed.zero_stage=2"],
-    "zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"],
+    # the shipped ZeRO configs; zero3.json sets stage3_param_persistence_threshold 0 so that the
+    # tiny model's parameters really are partitioned
+    "zero1": [
+        "distributed.backend=deepspeed",
+        f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero1.json'}",
+    ],
+    "zero2": [
+        "distributed.backend=deepspeed",
+        f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero2.json'}",
+    ],
+    "zero3": [
+        "distributed.backend=deepspeed",
+        f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero3.json'}",
+    ],
     "fsdp": ["distributed.backend=fsdp"],
 }
 NEEDS = {"zero1": "deepspeed", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": "fsdp"}

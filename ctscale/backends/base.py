@@ -6,6 +6,7 @@ Protocol, not a base class: backends share no implementation (house rule 3).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,10 @@ class Backend(Protocol):
     rank: int
     world_size: int
     device: torch.device
+
+    def model_init_context(self) -> AbstractContextManager[None]:
+        """Where the trainer builds the model (DeepSpeed ZeRO-3: partitioned as it is built)."""
+        ...
 
     def setup(
         self,

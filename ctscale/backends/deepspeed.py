@@ -19,7 +19,13 @@ Where the partitions live (private DeepSpeed state, checked against 0.19.8):
   ``safe_get_local_grad`` copies from and ``step()`` reads; rank r holds
   ``[r * part, (r + 1) * part)`` of the flat tensor, ``part = p.ds_tensor.numel()`` (padded).
 - ``zero_grad`` (Fisher pass) repeats what DeepSpeed's own overflow-skip does: drop
-  ``averaged_gradients``, reset the optimizer's micro-step id, close the engine's window.
+  ``optimizer.averaged_gradients`` (ZeRO-1/2 also ``all_grad_tensors``,
+  ``_release_preflattened_grad_buffers()``, ``micro_step_id``) and close the window with
+  ``engine.micro_steps += 1``, as ``engine.step()`` would.
+- Checkpoints: the flat fp32 partitions (``single_partition_of_fp32_groups`` /
+  ``fp32_partitioned_groups_flat``) and the wrapped AdamW's state; after loading, the model is
+  refreshed as ``step()`` does (``update_lp_params()`` / ``_reassign_or_swap_out_partitioned_
+  parameters`` + ``persistent_parameters``).
 Optimizer offload is refused: DeepSpeed takes per-parameter norms before we could mask.
 """
 
@@ -28,22 +34,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
 from ctscale import batching, dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
 from ctscale.config import Config
-from ctscale.errors import ConfigError
+from ctscale.errors import ConfigError, CtscaleError
 from ctscale.masks.base import GradView
 
 # Used when distributed.deepspeed_config is not set (distributed.zero_stage picks the stage).
 DEFAULT_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -72,6 +80,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 f"{src}: remove the '{section}' section; ctscale builds AdamW and the linear warmup "
                 "schedule itself from train.lr, train.weight_decay and train.warmup_ratio"
             )
+    if _get(ds, "fp16.enabled") == "auto":  # common in Hugging Face style configs
+        _set(ds, "fp16.enabled", False)
     if _get(ds, "fp16.enabled") is True:
         raise ConfigError(f"{src}: fp16 is not supported; remove the fp16 section and use train.bf16=true")
     if str((zero.get("offload_optimizer") or {}).get("device", "none")) != "none":
@@ -158,7 +168,10 @@ def _init_distributed() -> torch.device:
         # python -m ctscale without a launcher: world size 1, same code path (house rule 2)
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
             os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     device = dist.default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -176,22 +189,33 @@ class DeepSpeedBackend:
         self.stage: int = self.ds_config["zero_optimization"]["stage"]
         self._hf_ds_config = None
 
-    def model_init_context(self) -> contextlib.AbstractContextManager:
-        """Where to build a model too large for one rank: under ZeRO-3, Hugging Face
-        ``from_pretrained``/``from_config`` then create partitioned parameters directly.
+    @contextlib.contextmanager
+    def model_init_context(self) -> Iterator[None]:
+        """Build the model inside this for ZeRO-3: Hugging Face ``from_pretrained``/``from_config``
+        then run under ``deepspeed.zero.Init`` and no rank materialises a full parameter.
 
-        Keeps an ``HfDeepSpeedConfig`` alive for the backend's lifetime (transformers holds only
-        a weak reference to it). Other stages: a no-op context.
+        The switch is an ``HfDeepSpeedConfig`` that transformers holds by weak reference; the
+        backend keeps it alive for its own lifetime. Stages 1/2: nothing to do.
         """
         if self.stage == 3 and self._hf_ds_config is None:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        return contextlib.nullcontext()
+        yield
 
     def setup(
         self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ) -> None:
+        # bf16: DeepSpeed casts the module to bf16 and builds its fp32 masters from that copy.
+        # Keep the exact fp32 weights (CPU) to restore the masters, so entries that never get a
+        # gradient (CT-D non-child, weight decay 0) stay bit-identical to the checkpoint.
+        exact = {}
+        if self.ds_config["bf16"]["enabled"]:
+            exact = {
+                n: p.detach().to("cpu", copy=True)
+                for n, p in model.named_parameters()
+                if p.requires_grad and p.dtype == torch.float32 and not hasattr(p, "ds_id")
+            }
         optimizer = make_optimizer(model.named_parameters())
         scheduler = make_scheduler(optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -200,6 +224,18 @@ class DeepSpeedBackend:
         self.scheduler = scheduler
         self.module: torch.nn.Module = self.engine.module
         self._ranges = self._local_ranges()
+        for name, p, start, end in self._ranges:
+            if name in exact:
+                self._set_local_master(p, exact[name].view(-1), start, end)
+
+    def _set_local_master(self, p: torch.nn.Parameter, full: torch.Tensor, start: int, end: int) -> None:
+        """Overwrite this rank's fp32 master entries ``[start, end)`` of ``p`` from its full flat
+        value (local copies only, no communication)."""
+        if self.stage == 3:  # the local setter wants the padded partition
+            local = torch.nn.functional.pad(full[start:end], (0, p.ds_tensor.numel() - (end - start)))
+            safe_set_local_fp32_param(p, local.to(self.device))
+        else:  # ZeRO-1/2: the "full" setter copies just this rank's fragment
+            safe_set_full_fp32_param(p, full.to(self.device))
 
     # -- gradients -------------------------------------------------------------------------
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
@@ -319,6 +355,75 @@ class DeepSpeedBackend:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    # -- checkpoints: this rank's fp32 partitions and AdamW state, tensors only ---------------
+    # Not engine.save_checkpoint: DeepSpeed's loader unpickles arbitrary objects, and ctscale
+    # loads nothing with weights_only=False. Same world size and stage only (partitions are flat).
+    def _masters(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partition per group: the params of the wrapped AdamW."""
+        opt = self.optimizer
+        return opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups
+
+    @contextlib.contextmanager
+    def _adamw_params(self) -> Iterator[None]:
+        """ZeRO-3 empties the wrapped AdamW's param groups outside step(); fill them meanwhile,
+        as DeepSpeed's own state_dict/load_state_dict do."""
+        if self.stage == 3:
+            self.optimizer._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            if self.stage == 3:
+                self.optimizer._clear_fp32_optimizer_param_groups()
+
+    def save_checkpoint(self, path: Path) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        with self._adamw_params():
+            optimizer = self.optimizer.optimizer.state_dict()
+        local = {"masters": self._masters(), "optimizer": optimizer, "rng": rng}
+        torch.save(local, path / f"deepspeed-rank{self.rank:05d}.pt")
+        if self.rank == 0:
+            counters = {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS}
+            meta = {"world_size": self.world_size, "stage": self.stage, "engine": counters}
+            torch.save(meta | {"scheduler": self.scheduler.state_dict()}, path / "deepspeed.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not (path / "deepspeed.pt").is_file():
+            raise CtscaleError(f"{path} holds no DeepSpeed checkpoint; resume with the backend that wrote it")
+        meta = torch.load(path / "deepspeed.pt", map_location="cpu", weights_only=True)
+        if (meta["world_size"], meta["stage"]) != (self.world_size, self.stage):
+            raise CtscaleError(
+                f"{path} was written by {meta['world_size']} ranks with ZeRO-{meta['stage']}; this run "
+                f"has {self.world_size} ranks with ZeRO-{self.stage}. DeepSpeed partitions cannot be "
+                "resharded: resume with the same world size and stage, or start a new output_dir"
+            )
+        local = torch.load(
+            path / f"deepspeed-rank{self.rank:05d}.pt", map_location=self.device, weights_only=True
+        )
+        for master, saved in zip(self._masters(), local["masters"], strict=True):
+            master.data.copy_(saved)
+        with self._adamw_params():
+            self.optimizer.optimizer.load_state_dict(local["optimizer"])
+        self._masters_to_model()
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for key, value in meta["engine"].items():
+            setattr(self.engine, key, value)
+        torch.set_rng_state(local["rng"]["cpu"])
+        if "cuda" in local["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(local["rng"]["cuda"].cpu(), self.device)
+
+    def _masters_to_model(self) -> None:
+        """Refresh the model's (bit16 or fp32) parameters from the masters, as step() does."""
+        opt = self.optimizer
+        if self.stage != 3:
+            opt.update_lp_params()  # copy into this rank's partition, then all-gather
+            return
+        for group in range(len(opt.fp16_groups)):
+            opt._reassign_or_swap_out_partitioned_parameters(group)  # into p.ds_tensor
+        if opt.persistent_parameters:  # kept whole on every rank: gather them again
+            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
 
 
 def _same_param(module: torch.nn.Module, alias: str) -> str:

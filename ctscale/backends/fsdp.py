@@ -23,6 +23,7 @@ Launch: ``torchrun --nproc_per_node N -m ctscale train CONFIG --set distributed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -43,6 +45,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.errors import CtscaleError
 from ctscale.masks.base import GradView
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,9 @@ class FSDPBackend:
         self.max_grad_norm = max_grad_norm
         self.bf16 = bf16
 
+    def model_init_context(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the model is built whole, then wrapped/sharded
+
     def setup(
         self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ) -> None:
@@ -104,8 +110,14 @@ class FSDPBackend:
         if [n for n, _ in model.named_parameters()] != names:  # masks are keyed by these names
             raise RuntimeError("fully_shard changed the parameter names; ctscale cannot key masks")
         self._ranges = {n: self._local_range(n, p) for n, p in model.named_parameters() if p.requires_grad}
-        self.optimizer = make_optimizer(model.named_parameters())
-        self.scheduler = make_scheduler(self.optimizer)
+        self._make_scheduler = make_scheduler
+        self.replace_optimizer(make_optimizer)
+
+    def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
+        """A new optimizer (and schedule) over the same sharded parameters; before the first step
+        (CT-D's child-only AdamW is built from the mask, which exists only after setup)."""
+        self.optimizer = make_optimizer(self.model.named_parameters())
+        self.scheduler = self._make_scheduler(self.optimizer)
 
     def _local_range(self, name: str, p: torch.nn.Parameter) -> tuple[int, int]:
         """Flat range of the global tensor this rank holds; checked against the real shard."""
@@ -192,22 +204,50 @@ class FSDPBackend:
 
     def save_checkpoint(self, path: Path) -> None:
         """Sharded model + optimizer via torch.distributed.checkpoint (each rank writes its own
-        shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG."""
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / "dcp"))
+        shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG.
+        An optimizer with ``rank_local_state`` (child-only AdamW: packed buffers, no DTensor
+        layout for DCP to reshard) is saved per rank and reloads at the same world size only."""
+        if getattr(self.optimizer, "rank_local_state", False):
+            dcp.save({"model": get_model_state_dict(self.model)}, checkpoint_id=str(path / "dcp"))
+            state = {"world_size": self.world_size, "optimizer": self.optimizer.state_dict()}
+            torch.save(state, path / f"optimizer-{self.rank:05d}.pt")
+        else:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / "dcp"))
         if self.rank == 0:
             torch.save({"scheduler": self.scheduler.state_dict()}, path / "scheduler.pt")
         torch.save({"cpu": torch.get_rng_state()}, path / f"rng-{self.rank:05d}.pt")
 
     def load_checkpoint(self, path: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))  # reshards to this world size
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-        )
+        if getattr(self.optimizer, "rank_local_state", False):
+            self._load_rank_local(path)
+        else:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=str(path / "dcp"))  # reshards to this world size
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+            )
         # weights_only: tensors and plain containers only
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
         rng = path / f"rng-{self.rank:05d}.pt"
         if rng.is_file():  # absent when resuming at a larger world size
             torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
+
+    def _load_rank_local(self, path: Path) -> None:
+        """Model via DCP (any world size); optimizer from this rank's own file (same world size)."""
+        model_state = get_model_state_dict(self.model)
+        dcp.load({"model": model_state}, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(self.model, model_state)
+        file = path / f"optimizer-{self.rank:05d}.pt"
+        saved = torch.load(file, weights_only=True) if file.is_file() else {}
+        if saved.get("world_size") != self.world_size:
+            raise CtscaleError(
+                f"{path} holds no child-only optimizer state for rank {self.rank} of {self.world_size}: "
+                "it was written at another world size or with method.child_only_optimizer=false; "
+                "resume with the world size and settings it was written with"
+            )
+        self.optimizer.load_state_dict(saved["optimizer"])

@@ -33,13 +33,22 @@ class LocalBackend:
         self.bf16 = bf16
         self.ddp = ddp and self.world_size > 1
 
+    def model_init_context(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the model is built whole, then wrapped/sharded
+
     def setup(
         self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ):
         self.model = model.to(self.device)
         self.engine = DistributedDataParallel(self.model) if self.ddp else self.model
+        self._make_scheduler = make_scheduler
+        self.replace_optimizer(make_optimizer)
+
+    def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
+        """A new optimizer (and schedule) over the same parameters; before the first step
+        (CT-D's child-only AdamW is built from the mask, which exists only after setup)."""
         self.optimizer = make_optimizer(self.model.named_parameters())
-        self.scheduler = make_scheduler(self.optimizer)
+        self.scheduler = self._make_scheduler(self.optimizer)
 
     def _autocast(self):
         if not self.bf16:
