@@ -88,6 +88,7 @@ class MethodConfig:
     reserve_p: float = 0.3  # fraction of gradient entries kept, in (0, 1]
     mask_seed: int | None = None  # CT-F mask seed; None -> train.seed
     mask_file: str | None = None  # CT-D: use this mask instead of estimating Fisher
+    child_only_optimizer: bool = False  # CT-D: AdamW state only for child entries (local, ddp, fsdp)
 
 
 @dataclass
@@ -421,6 +422,19 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             f"distributed.backend 'deepspeed' needs a DeepSpeed setup{where}; set "
             "distributed.deepspeed_config to a DeepSpeed JSON file or "
             "distributed.zero_stage to 0..3"
+        )
+    if cfg.method.child_only_optimizer and cfg.method.name != "ct-d":
+        raise ConfigError(
+            f"method.child_only_optimizer needs a fixed child network (method.name 'ct-d'), got "
+            f"method.name {cfg.method.name!r}{where}; set method.name=ct-d or "
+            "method.child_only_optimizer=false"
+        )
+    if cfg.method.child_only_optimizer and dist.backend == "deepspeed":
+        raise ConfigError(
+            f"method.child_only_optimizer is not supported with distributed.backend 'deepspeed'"
+            f"{where}: ZeRO's optimizer owns the fp32 master partitions and steps them as flat "
+            "groups, so it keeps state for every entry; use distributed.backend fsdp, ddp or local, "
+            "or set method.child_only_optimizer=false"
         )
     for name in ("candidates", "exclude"):
         for i, pattern in enumerate(getattr(cfg.fisher, name)):
