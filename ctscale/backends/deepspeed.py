@@ -194,14 +194,25 @@ class DeepSpeedBackend:
         """Build the model inside this for ZeRO-3: Hugging Face ``from_pretrained``/``from_config``
         then run under ``deepspeed.zero.Init`` and no rank materialises a full parameter.
 
-        The switch is an ``HfDeepSpeedConfig`` that transformers holds by weak reference; the
-        backend keeps it alive for its own lifetime. Stages 1/2: nothing to do.
-        """
-        if self.stage == 3 and self._hf_ds_config is None:
-            from transformers.integrations import HfDeepSpeedConfig
+        The switch is an ``HfDeepSpeedConfig`` that transformers holds by weak reference: it is
+        alive only inside this context, so models built elsewhere in the process (a reference
+        model in a test, a second run) are ordinary ones. Stages 1/2: nothing to do.
 
-            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        yield
+        Not with bf16: ``zero.Init`` would load the checkpoint straight into bf16 partitions, so
+        the fp32 masters could no longer be exact and CT-D's non-child entries would move. A
+        bf16 ZeRO-3 model is therefore built whole (fp32, CPU) and partitioned by
+        ``deepspeed.initialize``; it must fit in one rank's host memory.
+        """
+        if self.stage != 3 or self.ds_config["bf16"]["enabled"]:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        try:
+            yield
+        finally:
+            self._hf_ds_config = None
 
     def setup(
         self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
