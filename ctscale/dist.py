@@ -82,7 +82,46 @@ def init_from_env() -> None:
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = _restart_store()
+    if store is None:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank_from_env(), world_size=env_world_size()
+        )
+
+
+def rank_from_env() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _restart_store():
+    """After a torchrun restart, a store namespace of this attempt's own.
+
+    Seen here: a restarted gloo group could read the killed attempt's peer addresses from the
+    agent's store and fail with "connectFullMesh ... Connection refused". Prefixing the keys with
+    the restart count (as torch does for its own agent keys) keeps attempts apart. None on a first
+    attempt and outside torchelastic: the default env:// rendezvous is used.
+    """
+    import os
+    from datetime import timedelta
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart in (None, "0"):
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env_world_size(),
+        is_master=not agent_store and rank_from_env() == 0,
+        timeout=timedelta(minutes=10),
+        multi_tenant=not agent_store,
+    )
+    return dist.PrefixStore(f"ctscale/attempt_{restart}", store)
 
 
 def shutdown() -> None:
