@@ -6,8 +6,8 @@ their int32 bits): 4 passes over the local scores, each building a 256-bin histo
 byte among the entries that match the prefix found so far, summed across ranks with one
 all-reduce of 256 counts. Entries above T are chosen; among entries equal to T, the first ones
 in (name, flat index) order are chosen until exactly k are. Ties are resolved with one
-all-gather of a per-piece count. Extra memory is a few chunk-sized temporaries, independent
-of the number of scores; at world size 1 the collectives are skipped.
+all-gather of a per-piece count. Extra memory is chunk-sized temporaries plus, for the tie break, a
+cumsum over the largest local piece (8 B per entry of that piece); at world size 1 the collectives are skipped.
 """
 
 from __future__ import annotations
