@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,12 +40,17 @@ def ctd_mask_path(cfg: Config, resumed: str | None = None) -> str | None:
 
 
 def build_strategy(
-    cfg: Config, backend: Backend, fisher_pass: FisherPass | None, mask_path: str | None = None
+    cfg: Config,
+    backend: Backend,
+    fisher_pass: FisherPass | None,
+    mask_path: str | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> MaskStrategy:
     """The strategy for ``cfg.method``.
 
     CT-D loads ``mask_path`` (a resumed run's own mask) or ``method.mask_file`` when given;
-    otherwise it runs the Fisher pass and saves the mask in the run directory first.
+    otherwise it runs the Fisher pass and saves the mask in the run directory first (the time
+    of each phase goes to ``seconds``).
     """
     method = cfg.method
     if method.name == "vanilla":
@@ -53,35 +60,52 @@ def build_strategy(
         return RandomChildMask(method.reserve_p, seed)
     path = ctd_mask_path(cfg, mask_path)
     if not (mask_path or method.mask_file):
-        estimate_and_save_mask(cfg, backend, fisher_pass, Path(path))
-    return load_fixed_mask(path, backend)
+        estimate_and_save_mask(cfg, backend, fisher_pass, Path(path), seconds)
+    with _timed(seconds, "load_mask"):
+        return load_fixed_mask(path, backend)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float] | None, phase: str):
+    start = time.perf_counter()
+    yield
+    if seconds is not None:
+        seconds[phase] = round(time.perf_counter() - start, 3)
 
 
 def estimate_and_save_mask(
-    cfg: Config, backend: Backend, fisher_pass: FisherPass, path: Path
+    cfg: Config,
+    backend: Backend,
+    fisher_pass: FisherPass,
+    path: Path,
+    seconds: dict[str, float] | None = None,
 ) -> store.MaskInfo:
     """Fisher pass, global top-p selection, mask written from shards. Collective."""
     shapes = backend.param_shapes()
     is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
     candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
     fisher = FisherAccumulator(candidates, cfg.fisher.max_grad_norm)
-    fisher_pass(fisher)
-    masks = select_child(fisher.scores(), fisher.total_entries(), cfg.method.reserve_p)
+    with _timed(seconds, "fisher"):
+        fisher_pass(fisher)
+    total, batches = fisher.total_entries(), fisher.batches
+    with _timed(seconds, "select"):
+        masks = select_child(fisher.scores(), total, cfg.method.reserve_p)
+    del fisher  # its scores are as large as the candidate shard: free them before training
     pieces = [
         store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits)
         for (name, start), bits in masks.items()
     ]
-    selected = round(cfg.method.reserve_p * fisher.total_entries())
+    selected = round(cfg.method.reserve_p * total)
     metadata = {
         "method": "ct-d",
         "reserve_p": cfg.method.reserve_p,
         "seed": cfg.train.seed,
         "scope": {"candidates": list(cfg.fisher.candidates), "exclude": list(cfg.fisher.exclude)},
-        "fisher_batches": fisher.batches,
+        "fisher_batches": batches,
         "fisher_max_grad_norm": cfg.fisher.max_grad_norm,
         "counts": {
             "selected": selected,
-            "candidate_entries": fisher.total_entries(),
+            "candidate_entries": total,
             "candidate_tensors": len(candidates),
         },
         "model": cfg.model.name_or_path,
@@ -89,8 +113,9 @@ def estimate_and_save_mask(
         "model_fingerprint": model_fingerprint(shapes),
         "world_size": dist.world_size(),
     }
-    store.save_mask(path, pieces, metadata)
-    dist.barrier()
+    with _timed(seconds, "save_mask"):
+        store.save_mask(path, pieces, metadata)
+        dist.barrier()
     return store.read_info(path)
 
 

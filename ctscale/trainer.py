@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,41 +28,10 @@ from ctscale.config import Config, load_config, save_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator
 from ctscale.masks import MaskStrategy
-from ctscale.models import load_classifier, load_tokenizer
-from ctscale.tasks import Examples, GlueTask, compute_metrics, get_task, load_glue_split, tokenize
-from ctscale.tasks.glue import default_glue_dir
+from ctscale.models import load_tokenizer
+from ctscale.tasks import load_task_data
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-
-
-@dataclass
-class RunData:
-    task: GlueTask
-    train: Examples
-    evals: dict[str, Examples]
-
-
-def load_data(cfg: Config) -> RunData:
-    """Train and eval splits, subsampled (seeded) when the config asks for it."""
-    task = get_task(cfg.data.task)
-    data_dir = cfg.data.data_dir or default_glue_dir()
-    train = _subsample(
-        load_glue_split(task.name, "train", data_dir), cfg.data.max_train_samples, cfg.train.seed
-    )
-    evals = {
-        split: _subsample(
-            load_glue_split(task.name, split, data_dir), cfg.data.max_eval_samples, cfg.train.seed
-        )
-        for split in task.eval_splits
-    }
-    return RunData(task, train, evals)
-
-
-def _subsample(examples: Examples, limit: int | None, seed: int) -> Examples:
-    if limit is None or limit >= len(examples):
-        return examples
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    return examples.subset(sorted(order[:limit].tolist()))
 
 
 def adamw_factory(cfg: Config, child: ChildMask | None = None):
@@ -90,7 +58,8 @@ def adamw_factory(cfg: Config, child: ChildMask | None = None):
 
 
 class Trainer:
-    """Fine-tunes ``cfg.model`` on ``cfg.data.task`` with ``cfg.method``; see ``run``."""
+    """Fine-tunes ``cfg.model`` on ``cfg.data.task`` (GLUE or causal-LM JSONL) with
+    ``cfg.method``; see ``run``."""
 
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
         self.cfg = cfg
@@ -105,18 +74,18 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------
     def prepare(self) -> None:
         cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # the classifier head's initialisation
-        self.data = load_data(cfg)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.steps_per_epoch = batching.steps_per_epoch(len(self.data.train), cfg.train.batch_size)
+        self.data = load_task_data(cfg, self.tokenizer)
+        self.steps_per_epoch = batching.steps_per_epoch(self.data.train_size, cfg.train.batch_size)
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"the training set ({len(self.data.train)} examples) is smaller than one global "
+                f"the training set ({self.data.train_size} examples) is smaller than one global "
                 f"batch (train.batch_size={cfg.train.batch_size})"
             )
         self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
+        torch.manual_seed(cfg.train.seed)  # a classifier head's (or a random model's) initialisation
         with self.backend.model_init_context():  # ZeRO-3: built already partitioned
-            model = load_classifier(cfg.model, self.data.task)
+            model = self.data.load_model(cfg.model)
         warmup = math.ceil(cfg.train.warmup_ratio * self.total_steps)
         self.backend.setup(
             model,
@@ -152,14 +121,14 @@ class Trainer:
     def micro_batches(self, step: int, global_batch: int, grad_accum: int):
         """Tokenised micro-batches of this rank for optimizer step ``step`` (global numbering)."""
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch_for(global_batch))
-        order = batching.epoch_order(len(self.data.train), self.cfg.train.seed, epoch)
-        for idx in batching.rank_micro_batches(
-            order, step_in_epoch, global_batch, grad_accum, self.backend.rank, self.backend.world_size
-        ):
-            yield tokenize(self.data.train.subset(idx.tolist()), self.tokenizer, self.cfg.data.max_length)
+        order = batching.epoch_order(self.data.train_size, self.cfg.train.seed, epoch)
+        window = order[step_in_epoch * global_batch : (step_in_epoch + 1) * global_batch]
+        rank, world = self.backend.rank, self.backend.world_size
+        for idx in batching.rank_micro_batches(order, step_in_epoch, global_batch, grad_accum, rank, world):
+            yield self.data.train_batch(idx, window, grad_accum * world)
 
     def steps_per_epoch_for(self, global_batch: int) -> int:
-        return batching.steps_per_epoch(len(self.data.train), global_batch)
+        return batching.steps_per_epoch(self.data.train_size, global_batch)
 
     # -- CT-D Fisher pass -------------------------------------------------------------------
     def fisher_pass(self, fisher: FisherAccumulator) -> None:
@@ -183,8 +152,11 @@ class Trainer:
         checkpoints = CheckpointManager(self.out, self.cfg.train.keep_checkpoints)
         resume_from = checkpoints.latest() if self.cfg.train.resume else None
         started = time.perf_counter()
+        seconds: dict[str, float] = {}  # per phase of the child network's set-up
         if resume_from is None:
-            strategy = self.child_only(build_strategy(self.cfg, self.backend, self.fisher_pass))
+            strategy = self.child_only(
+                build_strategy(self.cfg, self.backend, self.fisher_pass, None, seconds)
+            )
             self.mask_path, start_step = ctd_mask_path(self.cfg), 0
         else:
             # mask first: a child-only optimizer is built from it and must exist before its state loads
@@ -200,6 +172,7 @@ class Trainer:
             {
                 "event": "mask_ready",
                 "seconds": time.perf_counter() - started,
+                **{f"{phase}_seconds": s for phase, s in seconds.items()},
                 "mask_state_bytes": strategy.state_bytes(),
             }
         )
@@ -231,7 +204,7 @@ class Trainer:
             loss = self.train_step(step, strategy)
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
-                self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr})
+                self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr, **_gpu_memory()})
             if checkpoints and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
                 state = {
                     "model_fingerprint": self.fingerprint,
@@ -259,24 +232,13 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def evaluate(self, step: int) -> dict:
-        """Metrics of every eval split; each rank predicts a shard, rank 0 scores the whole."""
+        """Metrics of every eval split; each rank predicts a shard. Collective."""
         self.backend.train_mode(False)
-        results = {}
-        for split, examples in self.data.evals.items():
-            idx, real = batching.eval_shard(len(examples), self.backend.rank, self.backend.world_size)
-            preds = []
-            for lo in range(0, idx.numel(), self.cfg.train.eval_batch_size):
-                batch = tokenize(
-                    examples.subset(idx[lo : lo + self.cfg.train.eval_batch_size].tolist()),
-                    self.tokenizer,
-                    self.cfg.data.max_length,
-                )
-                logits = self.backend.predict(batch)
-                preds.append(logits.squeeze(-1) if self.data.task.is_regression else logits.argmax(-1))
-            local = torch.cat(preds)[:real].cpu().tolist() if preds else []
-            gathered = [p for part in dist.all_gather_objects(local) for p in part]
-            scores = compute_metrics(self.data.task, gathered, examples.labels)
-            results[split] = scores
+        rank, world, size = self.backend.rank, self.backend.world_size, self.cfg.train.eval_batch_size
+        results = {
+            split: self.data.evaluate(split, self.backend.predict, rank, world, size)
+            for split in self.data.eval_splits
+        }
         self.log(
             {
                 "event": "eval",
@@ -331,6 +293,13 @@ class Trainer:
             _replace_dir(tmp, final)
         dist.barrier()
         return final
+
+
+def _gpu_memory() -> dict:
+    """Peak GPU memory of this process so far (GiB), on CUDA machines."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"max_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -1,5 +1,9 @@
-"""GLUE tasks: registry, loaders, tokenization and metrics."""
+"""Tasks: GLUE classification/regression and causal-LM JSONL data, behind one protocol."""
 
+from ctscale.config import Config
+from ctscale.tasks.base import TaskData
+from ctscale.tasks.causal_lm import JsonlData
+from ctscale.tasks.classification import GlueData
 from ctscale.tasks.glue import (
     GLUE_TASKS,
     Examples,
@@ -15,11 +19,22 @@ from ctscale.tasks.metrics import compute_metrics
 __all__ = [
     "GLUE_TASKS",
     "Examples",
+    "GlueData",
     "GlueTask",
+    "JsonlData",
+    "TaskData",
     "compute_metrics",
     "default_glue_dir",
     "get_task",
     "load_glue_split",
+    "load_task_data",
     "pad_collate",
     "tokenize",
 ]
+
+
+def load_task_data(cfg: Config, tokenizer) -> TaskData:
+    """``data.task``: ``jsonl`` (causal LM) or a GLUE task name."""
+    if cfg.data.task == "jsonl":
+        return JsonlData.from_config(cfg, tokenizer)
+    return GlueData.from_config(cfg, tokenizer)
