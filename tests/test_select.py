@@ -41,6 +41,18 @@ def test_exactly_k_with_deterministic_ties(k):
     assert torch.equal(got, brute_force(pieces, k))
 
 
+@pytest.mark.parametrize("k", [49, 333, 1000, 1449])
+def test_ties_spanning_many_chunks(k, monkeypatch):
+    """Histograms and the tie break run a chunk at a time; chunks of 7 entries cut every run of
+    ties, so counts and cumulative sums must carry across chunk boundaries."""
+    import ctscale.select
+
+    pieces = make_pieces(0)
+    want = brute_force(pieces, k)
+    monkeypatch.setattr(ctscale.select, "_CHUNK", 7)
+    assert torch.equal(flat(select_top_k(pieces, k)), want)
+
+
 def test_selection_does_not_depend_on_how_tensors_are_split():
     pieces = make_pieces(1)
     whole = flat(select_top_k(pieces, 600))
