@@ -83,40 +83,54 @@ def estimate_and_save_mask(
     """Fisher pass, global top-p selection, mask written from shards. Collective."""
     shapes = backend.param_shapes()
     is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
-    candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
-    fisher = FisherAccumulator(candidates, cfg.fisher.max_grad_norm)
+    fisher = FisherAccumulator({n: s for n, s in shapes.items() if is_candidate(n)}, cfg.fisher.max_grad_norm)
     with _timed(seconds, "fisher"):
         fisher_pass(fisher)
-    total, batches = fisher.total_entries(), fisher.batches
+    provenance = {
+        "seed": cfg.train.seed,
+        "scope": {"candidates": list(cfg.fisher.candidates), "exclude": list(cfg.fisher.exclude)},
+        "model": cfg.model.name_or_path,
+        "task": cfg.data.task,
+    }
+    save_child_network(path, fisher, cfg.method.reserve_p, shapes, provenance, seconds)
+    return store.read_info(path)
+
+
+def save_child_network(
+    path: Path,
+    fisher: FisherAccumulator,
+    reserve_p: float,
+    shapes: dict[str, tuple[int, ...]],
+    provenance: dict,
+    seconds: dict[str, float] | None = None,
+) -> None:
+    """The global top-``reserve_p`` of an accumulated Fisher, saved from every rank's shards as
+    a CT-D mask; ``provenance`` (seed, scope, model, task) goes into its metadata. Collective."""
+    candidates, total = fisher.shapes, fisher.total_entries()
     with _timed(seconds, "select"):
-        masks = select_child(fisher.scores(), total, cfg.method.reserve_p)
-    del fisher  # its scores are as large as the candidate shard: free them before training
+        masks = select_child(fisher.scores(), total, reserve_p)
     pieces = [
         store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits)
         for (name, start), bits in masks.items()
     ]
-    selected = round(cfg.method.reserve_p * total)
     metadata = {
         "method": "ct-d",
-        "reserve_p": cfg.method.reserve_p,
-        "seed": cfg.train.seed,
-        "scope": {"candidates": list(cfg.fisher.candidates), "exclude": list(cfg.fisher.exclude)},
-        "fisher_batches": batches,
-        "fisher_max_grad_norm": cfg.fisher.max_grad_norm,
+        "reserve_p": reserve_p,
+        **provenance,
+        "fisher_batches": fisher.batches,
+        "fisher_max_grad_norm": fisher.max_grad_norm,
         "counts": {
-            "selected": selected,
+            "selected": round(reserve_p * total),
             "candidate_entries": total,
             "candidate_tensors": len(candidates),
         },
-        "model": cfg.model.name_or_path,
-        "task": cfg.data.task,
         "model_fingerprint": model_fingerprint(shapes),
         "world_size": dist.world_size(),
     }
+    fisher.clear()  # its scores are as large as the candidate shard: free them before training
     with _timed(seconds, "save_mask"):
         store.save_mask(path, pieces, metadata)
         dist.barrier()
-    return store.read_info(path)
 
 
 def load_fixed_mask(path: str | Path, backend: Backend) -> FixedChildMask:

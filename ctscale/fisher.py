@@ -55,6 +55,7 @@ class FisherAccumulator:
         self.sums: dict[Key, torch.Tensor] = {}
         self.batches = 0
         self.owned: set[tuple[str, int, int]] | None = None
+        self._averaged = False  # scores() has divided the sums in place
 
     def _own(self, views: list[GradView]) -> list[GradView]:
         """The views this rank accounts for: a range held by several ranks (DDP replicas)
@@ -70,6 +71,8 @@ class FisherAccumulator:
 
     def add(self, views: Iterable[GradView]) -> None:
         """Accumulate one global batch's reduced gradients (local shards)."""
+        if self._averaged:
+            raise CtscaleError("FisherAccumulator.add after scores(): the sums are already averaged")
         views = self._own([v for v in views if v.name in self.shapes])
         scales = self._clip_scales(views)
         for view in views:
@@ -100,10 +103,19 @@ class FisherAccumulator:
         return {n: min(1.0, self.max_grad_norm / (float(norms[i]) + 1e-6)) for n, i in index.items()}
 
     def scores(self) -> dict[Key, torch.Tensor]:
-        """Local Fisher estimates ``sum / batches`` per piece (fp32, on CPU)."""
+        """Local Fisher estimates ``sum / batches`` per piece (fp32, on CPU). Divides in place
+        (no second copy of a shard-sized buffer): call it once, after the last ``add``."""
         if self.batches == 0:
             raise CtscaleError("the Fisher pass saw no batch: fisher.num_batches must be >= 1")
-        return {k: (s / self.batches).cpu() for k, s in self.sums.items()}
+        if not self._averaged:
+            for s in self.sums.values():
+                s.div_(self.batches)
+            self._averaged = True
+        return {k: s.cpu() for k, s in self.sums.items()}
+
+    def clear(self) -> None:
+        """Drop the accumulated sums (as large as the local candidate shard)."""
+        self.sums = {}
 
     def total_entries(self) -> int:
         """Global number of candidate entries (from global shapes; no communication)."""

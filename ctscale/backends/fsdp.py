@@ -67,6 +67,38 @@ def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
 
+def shard0_flat_range(name: str, p: torch.nn.Parameter, rank: int, world: int) -> tuple[int, int]:
+    """Flat range of the global tensor that ``rank`` of ``world`` holds of a ``Shard(0)``
+    DTensor parameter; checked against the real local shard. Also used by ``ctscale.hf``."""
+    if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
+        raise RuntimeError(f"fsdp: {name} is not sharded on dim 0 (placements of a DTensor expected)")
+    rows = p.shape[0] if p.dim() else 1
+    row_numel = math.prod(p.shape[1:])
+    lo, hi = shard_rows(rows, rank, world)
+    if p.to_local().numel() != (hi - lo) * row_numel:
+        raise RuntimeError(
+            f"fsdp: {name} has {p.to_local().numel()} local elements on rank {rank}, "
+            f"expected rows [{lo}, {hi}) of {tuple(p.shape)}; FSDP2 changed how it splits dim 0"
+        )
+    return lo * row_numel, hi * row_numel
+
+
+def shard0_grad_view(name: str, p: torch.nn.Parameter, start: int, end: int) -> GradView:
+    """The local (reduce-scattered) gradient shard of ``p`` as a flat view of the storage the
+    optimizer reads, for the flat range ``[start, end)`` from ``shard0_flat_range``."""
+    if not isinstance(p.grad, DTensor):
+        # FSDP2 hooks backward through the tensors it finds in the forward output
+        raise RuntimeError(
+            f"fsdp: {name} was not resharded after backward; the model must return its "
+            "loss inside a ModelOutput, dict or tuple (a pytree FSDP2 can traverse)"
+        )
+    local = p.grad.to_local()
+    if not local.is_contiguous() or local.numel() != end - start:
+        # view(-1) of anything else would copy or misplace entries and masks would be lost
+        raise RuntimeError(f"fsdp: the local gradient of {name} is not a contiguous shard")
+    return GradView(name, tuple(p.shape), start, end, local.view(-1))
+
+
 class FSDPBackend:
     """FSDP2 over every rank of the launch; a one-rank group at world size 1."""
 
@@ -120,18 +152,7 @@ class FSDPBackend:
         self.scheduler = self._make_scheduler(self.optimizer)
 
     def _local_range(self, name: str, p: torch.nn.Parameter) -> tuple[int, int]:
-        """Flat range of the global tensor this rank holds; checked against the real shard."""
-        if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
-            raise RuntimeError(f"fsdp: {name} is not sharded on dim 0 (placements of a DTensor expected)")
-        rows = p.shape[0] if p.dim() else 1
-        row_numel = math.prod(p.shape[1:])
-        lo, hi = shard_rows(rows, self.rank, self.world_size)
-        if p.to_local().numel() != (hi - lo) * row_numel:
-            raise RuntimeError(
-                f"fsdp: {name} has {p.to_local().numel()} local elements on rank {self.rank}, "
-                f"expected rows [{lo}, {hi}) of {tuple(p.shape)}; FSDP2 changed how it splits dim 0"
-            )
-        return lo * row_numel, hi * row_numel
+        return shard0_flat_range(name, p, self.rank, self.world_size)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -145,20 +166,8 @@ class FSDPBackend:
         """Local (reduced, rank-averaged) gradient shards; flat views of the DTensor's local
         storage, which is what AdamW reads. No communication."""
         for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            if not isinstance(p.grad, DTensor):
-                # FSDP2 hooks backward through the tensors it finds in the forward output
-                raise RuntimeError(
-                    f"fsdp: {name} was not resharded after backward; the model must return its "
-                    "loss inside a ModelOutput, dict or tuple (a pytree FSDP2 can traverse)"
-                )
-            local = p.grad.to_local()
-            start, end = self._ranges[name]
-            if not local.is_contiguous() or local.numel() != end - start:
-                # view(-1) of anything else would copy or misplace entries and masks would be lost
-                raise RuntimeError(f"fsdp: the local gradient of {name} is not a contiguous shard")
-            yield GradView(name, tuple(p.shape), start, end, local.view(-1))
+            if p.grad is not None:
+                yield shard0_grad_view(name, p, *self._ranges[name])
 
     def shard_ranges(self) -> list[GradView]:
         return [GradView(n, self._shape(n), s, e) for n, (s, e) in self._ranges.items()]

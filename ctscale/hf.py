@@ -1,0 +1,359 @@
+"""Child-Tuning for an existing Hugging Face ``transformers.Trainer`` script, in two lines.
+
+    from ctscale.hf import ChildTuningCallback
+    trainer.add_callback(ChildTuningCallback("ct-f", reserve_p=0.3))   # or callbacks=[...]
+
+The callback masks the gradient where the engine keeps it, with ctscale's own strategies
+(``ctscale.masks``), touching only this rank's local shard, with no collective per step:
+
+- one process and DDP: the whole (all-reduced) ``p.grad`` of every parameter;
+- FSDP2 (accelerate ``fsdp_version: 2`` or transformers' ``DistributedConfig(fsdp_size=N)``):
+  the rank's ``Shard(0)`` rows, ``p.grad.to_local()``, after the reduce-scatter (the same views
+  as ``ctscale.backends.fsdp``);
+- DeepSpeed ZeRO-1/2/3 (accelerate): the rank's fp32 gradient partition (the same views as
+  ``ctscale.backends.deepspeed``), masked inside the ZeRO optimizer's ``step()``.
+
+Order, per engine, each exact:
+- one process, DDP, FSDP2: **clip, then mask** (the reference implementation's order: its mask
+  lived inside ``AdamW.step``). The Trainer clips in its loop, then calls
+  ``on_pre_optimizer_step``, the last hook before ``optimizer.step()``; the mask applies there.
+- DeepSpeed: **mask, then clip** (``ctscale train``'s order). The Trainer's backward runs
+  ``engine.step()`` itself, and ZeRO clips inside its optimizer's ``step()``; no Trainer hook
+  sits between the reduction and the update, so the callback wraps that ``step()`` and masks
+  the partitions on entry.
+With ``max_grad_norm=0`` every order is the same update.
+
+Masks: CT-F draws ``M ~ Bernoulli(p)`` per entry per optimizer step from ctscale's counter hash
+of (seed, step, canonical name, flat index), so it is the same at any world size; the step is
+``state.global_step`` (0-based) and the seed ``mask_seed`` or else ``TrainingArguments.seed``.
+CT-D uses a fixed child network, from ``mask_file`` (written by ``ctscale fisher`` or a previous
+run) or from a Fisher pass run by the callback before the first step over ``fisher_batches``
+global batches of the Trainer's own training dataloader (default: one epoch), with ctscale's
+estimator (``ctscale.fisher``: per-tensor clip of each global batch's reduced gradient, squares
+averaged; exact distributed top-p). The mask is saved in ``output_dir`` and a resumed run reloads it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback
+
+from ctscale import dist
+from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
+from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
+from ctscale.errors import ConfigError, CtscaleError, MaskError
+from ctscale.fisher import FisherAccumulator, candidate_filter
+from ctscale.masks import GradView, MaskStrategy, RandomChildMask
+
+# prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """The parameter name in the unwrapped Hugging Face model."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+class LocalShards:
+    """Where this rank's gradients live in a model the Trainer is training (not DeepSpeed).
+
+    Duck-types what ``ctscale.child.load_fixed_mask`` needs from a backend (``param_shapes``,
+    ``shard_ranges``). Ranges are computed once; gradients are read per step.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            # flat parameters: neither the canonical names nor the flat ranges are visible
+            raise ConfigError(
+                "ChildTuningCallback supports FSDP2 (fully_shard), not FSDP1; set fsdp_version: 2 "
+                "in the accelerate config (or fsdp_config={'version': 2} in TrainingArguments)"
+            )
+        self.params: list[tuple[str, torch.nn.Parameter, int, int]] = []
+        self.sharded = False
+        for raw, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            name = canonical_name(raw)
+            if isinstance(p, DTensor):  # FSDP2: this rank's dim-0 rows
+                mesh = p.device_mesh
+                if mesh.ndim != 1:
+                    raise ConfigError(
+                        f"{name} is sharded on a {mesh.ndim}-D device mesh; ChildTuningCallback "
+                        "supports FSDP2 on a 1-D mesh (plain fully_shard), not HSDP or TP"
+                    )
+                start, end = shard0_flat_range(name, p, mesh.get_local_rank(), mesh.size())
+                self.sharded = True
+            else:
+                start, end = 0, p.numel()
+            self.params.append((name, p, start, end))
+        if not self.params:
+            raise ConfigError("the model has no trainable parameter: Child-Tuning has nothing to mask")
+        if self.sharded and not all(isinstance(p, DTensor) for _, p, _, _ in self.params):
+            raise ConfigError("some parameters are DTensors and some are not: unsupported sharding")
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p, _, _ in self.params}  # DTensor shape is global
+
+    def shard_ranges(self) -> list[GradView]:
+        return [GradView(n, tuple(p.shape), s, e) for n, p, s, e in self.params]
+
+    def grad_views(self) -> Iterator[GradView]:
+        """This rank's reduced gradient pieces, flat views of the storage the optimizer reads."""
+        for name, p, start, end in self.params:
+            if p.grad is None:
+                continue
+            if self.sharded:
+                yield shard0_grad_view(name, p, start, end)
+            else:
+                yield GradView(name, tuple(p.shape), start, end, p.grad.view(-1))
+
+    def reduce_replicas(self) -> None:
+        """DDP's reduction (divide by the world size, then sum) for a backward run outside the
+        DDP wrapper (the Fisher pass sees only the unwrapped model). Fisher pass only."""
+        if self.sharded or dist.world_size() == 1:
+            return  # FSDP2's own backward has reduce-scattered already
+        for _, p, _, _ in self.params:
+            if p.grad is not None:
+                p.grad.div_(dist.world_size())
+                dist.all_reduce_sum_(p.grad)
+
+
+class ZeroShards:
+    """This rank's reduced partitions under DeepSpeed ZeRO-1/2/3 (the Trainer through accelerate).
+
+    The views come from ``ctscale.backends.deepspeed`` (the only module importing deepspeed)
+    and are valid inside the ZeRO optimizer's ``step()``, where the callback applies the mask.
+    """
+
+    def __init__(self, model: torch.nn.Module, zero: Any) -> None:
+        from ctscale.backends.deepspeed import zero_partition_grad_views
+
+        self._views = zero_partition_grad_views
+        self.model, self.zero, self.rank = model, zero, dist.rank()
+        self.sharded = True
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            n: tuple(getattr(p, "ds_shape", p.shape))
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+
+    def shard_ranges(self) -> list[GradView]:
+        return self._views(self.model, self.zero, self.rank, with_grads=False)
+
+    def grad_views(self) -> Iterator[GradView]:
+        yield from self._views(self.model, self.zero, self.rank)
+
+
+_ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
+
+
+def _zero_optimizer(model: torch.nn.Module, optimizer: Any) -> Any | None:
+    """The ZeRO optimizer when the Trainer runs DeepSpeed, else None; errors for DeepSpeed
+    set-ups where the reduced gradient is never visible before it is used."""
+    if type(optimizer).__name__ != "DeepSpeedOptimizerWrapper" and not any(
+        hasattr(p, "ds_id") for p in model.parameters()
+    ):
+        return None
+    zero = getattr(optimizer, "optimizer", None)
+    if type(zero).__name__ not in _ZERO_OPTIMIZERS:
+        raise ConfigError(
+            f"ChildTuningCallback supports DeepSpeed ZeRO stages 1-3, not {type(zero).__name__} "
+            "(ZeRO stage 0 or a DeepSpeed optimizer); set zero_optimization.stage to 1, 2 or 3, or use DDP"
+        )
+    if getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False):
+        raise ConfigError(
+            "ChildTuningCallback: zero_optimization.offload_optimizer is not supported (DeepSpeed "
+            "takes gradient norms during the offload copy, before a mask can apply); remove it"
+        )
+    return zero
+
+
+class ChildTuningCallback(TrainerCallback):
+    """CT-F or CT-D in a ``transformers.Trainer``; see the module docstring for the semantics.
+
+    method:        "ct-f" (a fresh random child every step, ``grad * M / p``) or "ct-d" (a fixed
+                   child network chosen by Fisher information, ``grad * M``).
+    reserve_p:     fraction of entries kept, in (0, 1].
+    mask_seed:     CT-F seed (default ``TrainingArguments.seed``).
+    mask_file:     CT-D: a saved ctscale mask (``ctscale fisher`` or a previous run); skips the
+                   Fisher pass. Must fit the model (names and shapes are checked).
+    fisher_batches: CT-D Fisher pass length in global batches (default: one epoch).
+    fisher_max_grad_norm: per-tensor clip of each batch's gradient before squaring (0: off).
+    candidates, exclude: CT-D scope, regexes searched in parameter names (default the
+                   transformer blocks, "layer", as the reference).
+    mask_out:      where the Fisher pass saves the mask (default ``output_dir/mask.safetensors``
+                   at world size 1, ``output_dir/mask/`` otherwise).
+    """
+
+    def __init__(
+        self,
+        method: str = "ct-f",
+        reserve_p: float = 0.3,
+        mask_seed: int | None = None,
+        mask_file: str | os.PathLike | None = None,
+        fisher_batches: int | None = None,
+        fisher_max_grad_norm: float = 1.0,
+        candidates: Sequence[str] = ("layer",),
+        exclude: Sequence[str] = (),
+        mask_out: str | os.PathLike | None = None,
+    ) -> None:
+        if method not in ("ct-f", "ct-d"):
+            raise ConfigError(f"ChildTuningCallback: method={method!r}; use 'ct-f' or 'ct-d'")
+        if not 0.0 < reserve_p <= 1.0:
+            raise ConfigError(f"ChildTuningCallback: reserve_p={reserve_p} must be in (0, 1]")
+        if method == "ct-f" and (mask_file is not None or fisher_batches is not None):
+            raise ConfigError(
+                "ChildTuningCallback: mask_file and fisher_batches are CT-D options; use method='ct-d'"
+            )
+        if fisher_batches is not None and fisher_batches < 1:
+            raise ConfigError(f"ChildTuningCallback: fisher_batches={fisher_batches} must be >= 1")
+        self.method = method
+        self.reserve_p = reserve_p
+        self.mask_seed = mask_seed
+        self.mask_file = None if mask_file is None else str(mask_file)
+        self.fisher_batches = fisher_batches
+        self.fisher_max_grad_norm = fisher_max_grad_norm
+        self.candidates = list(candidates)
+        self.exclude = list(exclude)
+        self.mask_out = None if mask_out is None else str(mask_out)
+        self.strategy: MaskStrategy | None = None
+        self.shards: LocalShards | ZeroShards | None = None
+        self.masked_steps = 0  # optimizer steps masked so far in this train() call
+        self._pending: int | None = None  # the global step masked but not yet ended
+        self._unhook = _nothing  # undoes the DeepSpeed step hook
+
+    # -- set-up ---------------------------------------------------------------------------
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
+    ):
+        if model is None:
+            raise CtscaleError("ChildTuningCallback: the Trainer passed no model to on_train_begin")
+        zero = _zero_optimizer(model, optimizer)
+        self.shards = ZeroShards(model, zero) if zero is not None else LocalShards(model)
+        self.masked_steps, self._pending = 0, None
+        self.strategy = self._build_strategy(args, state, model, train_dataloader, deepspeed=zero is not None)
+        if zero is not None:
+            self._hook_zero_step(zero, state)
+
+    def _build_strategy(self, args, state, model, loader, deepspeed: bool) -> MaskStrategy:
+        if self.method == "ct-f":
+            seed = args.seed if self.mask_seed is None else self.mask_seed
+            return RandomChildMask(self.reserve_p, seed)
+        path = self.mask_file
+        if path is None and deepspeed:
+            raise ConfigError(
+                "ChildTuningCallback: CT-D under DeepSpeed needs mask_file= (the Fisher pass runs "
+                "outside DeepSpeed's step); make the mask with `ctscale fisher`, or with this callback "
+                "in a 1-process/DDP/FSDP2 run of the same model and data"
+            )
+        if path is None:
+            path = self.mask_out or str(default_mask_path(args.output_dir))
+            if state.global_step == 0:  # a resumed run keeps the child network it started with
+                self._estimate_and_save(args, model, loader, Path(path))
+            elif not Path(path).exists():
+                raise MaskError(
+                    f"resuming at step {state.global_step} but the run's CT-D mask {path} is missing; "
+                    "pass mask_file= (a Fisher pass on trained weights would pick another child)"
+                )
+        strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
+        if not any(strategy.is_candidate(n) for n in self.shards.param_shapes()):
+            raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
+        return strategy
+
+    def _hook_zero_step(self, zero: Any, state) -> None:
+        """DeepSpeed: the Trainer's backward runs ``engine.step()`` itself, which clips and
+        updates inside the ZeRO optimizer's ``step()``; mask the reduced partitions first.
+        Instance attribute, removed again in ``on_train_end``."""
+        original = zero.step
+
+        def step(*a: Any, **kw: Any) -> Any:
+            self._apply(state.global_step)
+            return original(*a, **kw)
+
+        zero.step = step
+
+        def unhook() -> None:
+            if zero.__dict__.get("step") is step:
+                del zero.step
+
+        self._unhook = unhook
+
+    def _estimate_and_save(self, args, model: torch.nn.Module, loader, path: Path) -> None:
+        """CT-D Fisher pass over global batches of ``loader``, exact top-p, mask saved. Collective."""
+        assert self.shards is not None
+        shapes = self.shards.param_shapes()
+        is_candidate = candidate_filter(self.candidates, self.exclude)
+        candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
+        fisher = FisherAccumulator(candidates, self.fisher_max_grad_norm)  # raises if none match
+        accum = args.gradient_accumulation_steps
+        available = len(loader) // accum
+        batches = self.fisher_batches or available
+        if batches > available:
+            raise ConfigError(
+                f"ChildTuningCallback: fisher_batches={batches} but one epoch holds {available} "
+                f"global batches; lower fisher_batches"
+            )
+        was_training = model.training
+        model.train()  # as ctscale's Fisher pass: dropout on, as in training
+        micro = iter(loader)
+        for _ in range(batches):
+            for _ in range(accum):
+                batch = next(micro)
+                (model(**batch).loss / accum).backward()  # FSDP2: reduce-scattered here
+            self.shards.reduce_replicas()  # DDP: the average over ranks, as DDP's backward
+            fisher.add(self.shards.grad_views())
+            model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        provenance = {
+            "seed": args.seed,
+            "scope": {"candidates": self.candidates, "exclude": self.exclude},
+            "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
+            "task": "hf-trainer",
+        }
+        save_child_network(path, fisher, self.reserve_p, shapes, provenance)
+
+    # -- every optimizer step -------------------------------------------------------------
+    def _apply(self, step: int) -> None:
+        """Mask this rank's local shards in place for optimizer step ``step``. No communication."""
+        if self.strategy is None or self.shards is None:
+            raise CtscaleError(
+                "ChildTuningCallback: on_train_begin did not run; add the callback before train()"
+            )
+        for view in self.shards.grad_views():
+            self.strategy.apply(view, step)
+        self._pending = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """After the Trainer's reduction and clipping, before ``optimizer.step()``. Under
+        DeepSpeed the update has already happened (masked in the hooked ZeRO step)."""
+        if not isinstance(self.shards, ZeroShards):
+            self._apply(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # the step counter has advanced: the update just made must be the one we masked
+        if self._pending != state.global_step - 1:
+            raise CtscaleError(
+                f"ChildTuningCallback: optimizer step {state.global_step - 1} ran without a mask "
+                "(on_pre_optimizer_step was not called); this Trainer loop is not supported"
+            )
+        self.masked_steps += 1
+        self._pending = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._unhook()
+        self._unhook = _nothing
+
+
+def _nothing() -> None:
+    return None
