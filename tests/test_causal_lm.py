@@ -246,33 +246,26 @@ def test_ct_d_on_a_tiny_decoder_leaves_non_child_entries(smol_tokenizer, lm_data
 
 @pytest.mark.slow
 def test_decoders_train_the_same_under_every_engine(smol_tokenizer, lm_data, tmp_path):
-    """CT-D on tiny Llama and Qwen2: FSDP2 and ZeRO-3 at 2 ranks == 1 process (<= 5e-6)."""
-    kinds = ("llama", "qwen2")
-    dirs = {k: write_tiny_decoder(tmp_path / k, smol_tokenizer, k) for k in kinds}
+    """CT-D at 2 ranks == 1 process (<= 5e-6): tiny Llama under FSDP2, tiny Qwen2 under ZeRO-3
+    (both models run both ways in 1 process: the local backend)."""
+    zero3 = f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero3.json'}"
+    cases = {
+        "llama": ["distributed.backend=fsdp"],
+        "qwen2": ["distributed.backend=deepspeed", zero3],
+    }
+    dirs = {k: write_tiny_decoder(tmp_path / k, smol_tokenizer, k) for k in cases}
 
-    def runs(tag: str, extra: list[str]) -> list[list[str]]:
-        return [
-            lm_overrides(dirs[k], lm_data, tmp_path / f"{k}-{tag}") + ["method.name=ct-d", *extra]
-            for k in kinds
-        ]
+    def overrides(kind: str, tag: str, extra: list[str]) -> list[str]:
+        return lm_overrides(dirs[kind], lm_data, tmp_path / f"{kind}-{tag}") + ["method.name=ct-d", *extra]
 
-    single = run_world(train_runs, 1, runs("1", []))[0]
-    for kind, want in zip(kinds, single, strict=True):
+    single = run_world(train_runs, 1, [overrides(k, "1", []) for k in cases])[0]
+    pairs = run_world(train_runs, 2, [overrides(k, "2", extra) for k, extra in cases.items()])[0]
+    for kind, want, got in zip(cases, single, pairs, strict=True):
         start = AutoModelForCausalLM.from_pretrained(dirs[kind]).state_dict()
         assert max((want["state"][n] - start[n]).abs().max().item() for n in start) > 1e-4  # it trained
-    engines = {
-        "fsdp": ["distributed.backend=fsdp"],
-        "zero3": [
-            "distributed.backend=deepspeed",
-            f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero3.json'}",
-        ],
-    }
-    for engine, extra in engines.items():
-        results = run_world(train_runs, 2, runs(engine, extra))[0]
-        for kind, want, got in zip(kinds, single, results, strict=True):
-            assert want["state"].keys() == got["state"].keys()
-            diff = max((got["state"][n] - want["state"][n]).abs().max().item() for n in want["state"])
-            assert diff <= 5e-6, (engine, kind, diff)
+        assert want["state"].keys() == got["state"].keys()
+        diff = max((got["state"][n] - want["state"][n]).abs().max().item() for n in want["state"])
+        assert diff <= 5e-6, (kind, cases[kind], diff)
 
 
 @pytest.mark.slow

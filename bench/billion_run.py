@@ -1,0 +1,165 @@
+"""A ~1.5 B-parameter decoder on this CPU machine: CT-D on 2 ranks, peak RSS and time per phase.
+
+    python bench/billion_run.py --mode child-only            # FSDP2, AdamW state for the child only
+    python bench/billion_run.py --mode vanilla               # the same run with dense AdamW
+    python bench/billion_run.py --mode dense-ct-d --engine deepspeed   # ZeRO-3
+    python bench/billion_run.py --mode child-only --layers 2           # a quick dry run (0.17 B)
+
+The model is Qwen2-1.5B's block shape (hidden 1536, 12 heads / 2 KV heads, MLP 8960, tied
+embeddings) with 30 blocks and SmolLM2's vocabulary size (49,152 instead of Qwen2's 151,936):
+1.48 B parameters, with random weights
+(``model.random_init``: no weights needed to exercise the machinery), fp32 everywhere, on
+synthetic instruction data (``bench/synthetic.py``: offline, tokenizer trained on the spot). The script
+runs the real ``ctscale train`` under torchrun (2 ranks, gloo): Fisher pass, global top-p
+selection, sharded mask saved, a few CT-D training steps. A monitor samples every rank's RSS
+and stops the run if the ranks together pass ``--budget-gib`` or the machine runs low on
+memory (so "does not fit" is measured, not an OOM-killed machine). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+MODES = {
+    "child-only": ["method.name=ct-d", "method.child_only_optimizer=true"],
+    "dense-ct-d": ["method.name=ct-d"],
+    "vanilla": ["method.name=vanilla"],
+}
+ENGINES = {
+    "fsdp": ["distributed.backend=fsdp"],
+    "deepspeed": [
+        "distributed.backend=deepspeed",
+        f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero3.json'}",
+    ],
+}
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(args.workdir)
+    model_dir, out = work / f"qwen2-{args.layers}l", work / f"run-{args.engine}-{args.mode}"
+    parameters = synthetic.write_decoder(model_dir, layers=args.layers)
+    data = model_dir / "train.jsonl"
+    overrides = [
+        f"model.name_or_path={model_dir}",
+        "model.random_init=true",
+        "data.task=jsonl",
+        f"data.train_file={data}",
+        "data.max_length=64",
+        f"train.output_dir={out}",
+        "train.batch_size=2",  # one sequence per rank per step
+        f"train.max_steps={args.steps}",
+        "train.log_every=1",
+        "train.save_model=false",
+        "train.tensorboard=false",
+        "train.eval_every_epoch=false",
+        "train.lr=1e-5",
+        f"fisher.num_batches={args.fisher_batches}",
+        f"method.reserve_p={args.p}",
+        *MODES[args.mode],
+        *ENGINES[args.engine],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        str(args.port), "-m", "ctscale", "train", *[a for o in overrides for a in ("--set", o)],
+    ]  # fmt: skip
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    started = time.time()
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    peaks, stopped = monitor(proc, args.budget_gib * GIB)
+    log_tail = proc.stdout.read()[-4000:] if proc.stdout else ""
+    records = (
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if (out / "metrics.jsonl").exists()
+        else []
+    )
+    return {
+        "engine": args.engine,
+        "mode": args.mode,
+        "layers": args.layers,
+        "parameters": parameters,
+        "reserve_p": args.p,
+        "exit_code": proc.returncode,
+        "fit": proc.returncode == 0 and stopped is None,
+        "stopped": stopped,
+        "peak_rss_gib_per_rank": {r: round(v / GIB, 2) for r, v in sorted(peaks.items())},
+        "phases_s": phases(records, started),
+        "wall_s": round(time.time() - started, 1),
+        "log_tail": None if proc.returncode == 0 else log_tail[-1500:],
+    }
+
+
+def monitor(proc: subprocess.Popen, budget: float) -> tuple[dict[int, int], str | None]:
+    """Sample each rank's RSS every 0.2 s; stop the job when the ranks together pass ``budget``
+    or the machine has < 1 GiB available. Returns (peak RSS per rank, why it was stopped)."""
+    peaks: dict[int, int] = {}
+    stopped = None
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        for child in parent.children(recursive=True):
+            try:
+                rank = int(child.environ().get("RANK", -1))
+                rss = child.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                continue
+            if rank >= 0:
+                peaks[rank] = max(peaks.get(rank, 0), rss)
+                total += rss
+        low = psutil.virtual_memory().available < GIB
+        if stopped is None and (total > budget or low):
+            stopped = f"ranks' RSS {total / GIB:.1f} GiB" + (
+                " (machine < 1 GiB free)" if low else f" > budget {budget / GIB:.0f} GiB"
+            )
+            proc.send_signal(signal.SIGTERM)  # torchrun stops its workers
+            for child in parent.children(recursive=True):
+                child.kill()
+        time.sleep(0.2)
+    return peaks, stopped
+
+
+def phases(records: list[dict], started: float) -> dict:
+    """Seconds per phase from metrics.jsonl: start-up + model build, Fisher, selection, mask
+    save and load, and every training step."""
+    ready = next((r for r in records if r["event"] == "mask_ready"), None)
+    if ready is None:
+        return {}
+    out = {"startup_and_build": round(ready["time"] - ready["seconds"] - started, 1)}
+    out |= {k.removesuffix("_seconds"): v for k, v in ready.items() if k.endswith("_seconds")}
+    steps = [r["time"] for r in records if r["event"] == "train"]
+    out["train_steps"] = [round(b - a, 1) for a, b in zip([ready["time"], *steps], steps)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=ENGINES, default="fsdp")
+    parser.add_argument("--mode", choices=MODES, default="child-only")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--p", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fisher-batches", type=int, default=2)
+    parser.add_argument("--budget-gib", type=float, default=21.0)
+    parser.add_argument("--workdir", default="/tmp/ctscale-billion")
+    parser.add_argument("--port", type=int, default=29517)
+    result = run(parser.parse_args())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
