@@ -148,8 +148,11 @@ def _load(auto_cls, cfg: ModelConfig, **config_overrides) -> torch.nn.Module:
             )
     if kwargs.get("gguf_file"):
         _forget_gguf_quantizer(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5.x renamed it; 4.x has only the old name
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()
     return model
 
 
