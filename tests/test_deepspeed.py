@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,8 +43,18 @@ def _cfg(tmp_path: Path, ds: dict | None = None, *extra: str):
 
 
 # -- config merge (no processes) -------------------------------------------------------------
-@pytest.mark.parametrize("path", sorted(DS_CONFIGS.glob("*.json")), ids=lambda p: p.name)
-def test_shipped_configs_fill_auto_values(path):
+SHIPPED = sorted(DS_CONFIGS.glob("*.json"))
+
+
+def _fixed_bf16(path: Path) -> bool:
+    """A bf16 variant: the JSON says bf16.enabled=true itself instead of "auto"."""
+    return json.loads(path.read_text()).get("bf16", {}).get("enabled") is True
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_fill_auto_values(path, bf16):
+    raw = json.loads(path.read_text())
     cfg = load_config(
         None,
         [
@@ -52,17 +63,26 @@ def test_shipped_configs_fill_auto_values(path):
             "train.batch_size=12",
             "train.grad_accum=2",
             "train.max_grad_norm=0.5",
-            "train.bf16=true",
+            f"train.bf16={str(bf16).lower()}",
         ],
     )
+    if _fixed_bf16(path) and not bf16:  # the JSON contradicts the ctscale config
+        with pytest.raises(ConfigError, match=r"bf16\.enabled=True contradicts train\.bf16=False"):
+            build_ds_config(cfg, world_size=3)
+        return
     ds = build_ds_config(cfg, world_size=3)
     assert ds["train_batch_size"] == 12
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == 2  # 12 / (2 x 3)
     assert ds["gradient_clipping"] == 0.5
-    assert ds["bf16"]["enabled"] is True
-    assert ds["zero_optimization"]["stage"] == int(path.stem[-1])
+    assert ds["bf16"]["enabled"] is bf16
+    assert ds["zero_optimization"]["stage"] == int(re.match(r"zero(\d)", path.stem)[1])
     assert "auto" not in json.dumps(ds)
+    # everything else is the file's own setting, untouched (offload devices, thresholds, ...)
+    assert ds["zero_optimization"] == raw["zero_optimization"]
+    if "offload" in path.stem:
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert ds["zero_force_ds_cpu_optimizer"] is False  # ctscale's AdamW steps the CPU partitions
 
 
 def test_zero_stage_overrides_json(tmp_path):
@@ -93,8 +113,19 @@ def test_matching_explicit_values_are_accepted(tmp_path):
         ({}, ["stage 0"]),  # DeepSpeed's default stage is 0: say which stage to set
         ({"optimizer": {"type": "AdamW"}}, ["remove the 'optimizer' section"]),
         ({"scheduler": {"type": "WarmupLR"}}, ["remove the 'scheduler' section"]),
-        ({"fp16": {"enabled": True}}, ["fp16", "train.bf16=true"]),
-        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, ["offload"]),
+        ({"fp16": {"enabled": True}}, ["fp16", "skips overflowing steps", "train.bf16=true"]),
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
+            ['offload_optimizer.device="nvme"', '"cpu"'],
+        ),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, ["offload_param"]),
+        (
+            {
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                "zero_force_ds_cpu_optimizer": True,
+            },
+            ["zero_force_ds_cpu_optimizer=true", "set it to false"],
+        ),
         ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, ["reduce_bucket_size"]),
         ({"zero_optimization": []}, ["zero_optimization must be a JSON object"]),
     ],
@@ -347,3 +378,97 @@ def test_model_init_context_builds_zero3_partitions(suite, tiny_bert):
     pretrained = load_file(tiny_bert / "model.safetensors")
     assert pretrained.keys() <= state.keys()
     assert all(torch.equal(state[k], v.float()) for k, v in pretrained.items())
+
+
+# -- every shipped config runs CT-D on CPU: 2 ranks against the single-process reference ------
+# All of ds_configs/*.json run here: fp16 (DeepSpeed's CPU accelerator cannot run it, and the
+# backend refuses it: see the ConfigError cases above) and NVMe offload (refused) are not shipped.
+ATOL = 5e-6  # as tests/test_distributed.py: reduction-order rounding after 4 AdamW steps
+
+
+def shipped_worker(rank: int, world: int, model_dir: Path, glue_dir: Path, out: Path) -> dict:
+    """Per shipped config and method: CT-F / CT-D (Fisher pass with GAS 2, exact selection), 4
+    steps clipped at 0.1. Per step, the norm of the masked local views (all-reduced here, in the
+    test) and the norm DeepSpeed clipped by; the final fp32 state (rank 0). Then CT-F with
+    zero2_offload once more without the post-mask renorm, to show that the norm check can fail."""
+    import torch.distributed as tdist
+
+    from ctscale.child import build_strategy
+    from ctscale.trainer import Trainer
+
+    def run(path: Path, method: str, name: str, renorm: bool = True) -> dict:
+        overrides = tiny_overrides(model_dir, glue_dir, out / name) + [
+            "distributed.backend=deepspeed",
+            f"distributed.deepspeed_config={path}",
+            f"method.name={method}",
+            f"train.bf16={str(_fixed_bf16(path)).lower()}",
+        ]
+        trainer = Trainer(load_config(None, overrides))
+        trainer.prepare()
+        strategy = build_strategy(trainer.cfg, trainer.backend, trainer.fisher_pass)
+        backend, norms = trainer.backend, []
+        if not renorm:
+            backend._renorm_offloaded_grads = lambda: None
+        engine_step = backend.step
+
+        def step():  # after the mask: what DeepSpeed should clip by
+            sq = sum(v.grad.double().square().sum() for v in backend.grad_views())
+            tdist.all_reduce(sq)
+            engine_step()
+            norms.append((sq.sqrt().item(), float(backend.engine.get_global_grad_norm())))
+
+        backend.step = step
+        backend.train_mode(True)
+        for s in range(trainer.total_steps):
+            trainer.train_step(s, strategy)
+        return {"norms": norms, "state": backend.consolidated_state_dict()}
+
+    results = {(p.name, m): run(p, m, f"{p.stem}-{m}") for p in SHIPPED for m in ("ct-f", "ct-d")}
+    results["no-renorm"] = run(DS_CONFIGS / "zero2_offload.json", "ct-f", "no-renorm", renorm=False)
+    return results
+
+
+@pytest.fixture(scope="module")
+def shipped(tiny_bert, glue_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shipped")
+    return run_world(shipped_worker, 2, tiny_bert, glue_dir, out) + [out]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ct-f", "ct-d"])
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_trains_like_one_process(shipped, reference, tiny_bert, path, method):
+    main, out = shipped[0][(path.name, method)], shipped[-1]
+    for rank in shipped[:-1]:
+        for masked, clipped_by in rank[(path.name, method)]["norms"]:
+            # mask, then clip: DeepSpeed's global norm is that of the masked gradient (offload too)
+            assert clipped_by == pytest.approx(masked, rel=1e-5), (masked, clipped_by)
+    want = reference[method]["state"]
+    assert main["state"].keys() >= want.keys()
+    if not _fixed_bf16(path):
+        diff = max((main["state"][k] - want[k]).abs().max().item() for k in want)
+        assert diff <= ATOL, f"max |w - w_1proc| = {diff:.3g}"
+        return
+    # bf16: forward/backward in bf16 cannot equal the fp32 run, but the update must point where
+    # the fp32 run's does, and (CT-D) the fp32 masters keep every non-child entry bit-identical
+    pretrained = {k: v.float().reshape(-1) for k, v in load_file(tiny_bert / "model.safetensors").items()}
+    got = torch.cat([main["state"][k].reshape(-1) - v for k, v in pretrained.items()])
+    ref = torch.cat([want[k].reshape(-1) - v for k, v in pretrained.items()])
+    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
+    assert cosine > 0.9, cosine
+    if method == "ct-d":
+        moved, selected = 0, 0
+        for name, keep in _mask_bits(out / f"{path.stem}-{method}" / "mask").items():
+            after = main["state"][name].reshape(-1)
+            assert torch.equal(after[~keep], pretrained[name][~keep]), f"{name}: non-child entry moved"
+            moved += int((after[keep] != pretrained[name][keep]).sum())
+            selected += int(keep.sum())
+        assert selected > 1000 and moved > 0.9 * selected, (moved, selected)
+
+
+@pytest.mark.slow
+def test_offload_norm_check_fails_without_the_post_mask_renorm(shipped):
+    # without _renorm_offloaded_grads DeepSpeed clips by the pre-mask norm; CT-F's rescaled
+    # mask (p = 0.3) makes the masked norm larger than the unmasked one
+    masked, clipped_by = zip(*shipped[0]["no-renorm"]["norms"])
+    assert all(m > c * 1.2 for m, c in zip(masked, clipped_by)), (masked, clipped_by)

@@ -26,7 +26,11 @@ Where the partitions live (private DeepSpeed state, checked against 0.19.8):
   ``fp32_partitioned_groups_flat``) and the wrapped AdamW's state; after loading, the model is
   refreshed as ``step()`` does (``update_lp_params()`` / ``_reassign_or_swap_out_partitioned_
   parameters`` + ``persistent_parameters``).
-Optimizer offload is refused: DeepSpeed takes per-parameter norms before we could mask.
+- Optimizer offload (device "cpu"): the views are slices of the CPU fp32 gradient buffer
+  the optimizer reads, but DeepSpeed takes each parameter's gradient norm during the offload
+  copy in backward, before any mask. ``step()`` therefore recomputes those norms from the
+  masked views (local, no collective), as DeepSpeed's own ``safe_set_local_grad`` does under
+  ZeRO-3 offload, so clipping uses the masked norm. NVMe offload and fp16 are refused.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.utils import get_norm_dtype
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
 from ctscale import batching, dist
@@ -83,12 +88,33 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if _get(ds, "fp16.enabled") == "auto":  # common in Hugging Face style configs
         _set(ds, "fp16.enabled", False)
     if _get(ds, "fp16.enabled") is True:
-        raise ConfigError(f"{src}: fp16 is not supported; remove the fp16 section and use train.bf16=true")
-    if str((zero.get("offload_optimizer") or {}).get("device", "none")) != "none":
+        # dynamic loss scaling silently skips optimizer steps on overflow (fewer updates than
+        # train.max_steps, lost CT-F draws) and ctscale has no fp16 reference path to test against
         raise ConfigError(
-            f"{src}: zero_optimization.offload_optimizer is not supported (DeepSpeed takes gradient "
-            "norms during the offload copy, before Child-Tuning masks); remove it"
+            f"{src}: fp16 is not supported (DeepSpeed's loss scaler skips overflowing steps, so the run "
+            "would silently train fewer steps than configured); remove the fp16 section and set "
+            "train.bf16=true (ds_configs/zero2_bf16.json, zero3_bf16.json)"
         )
+    offload = {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(key) or {}).get("device", "none"))
+        if device not in ("none", "cpu"):
+            # NVMe (DeepSpeed's async_io op, needs libaio) runs on CPU, but the fp32 gradient
+            # partitions are swapped out to disk at the boundary: a mask on a swapped-in view
+            # would need a write-back plus renorm per sub-group (not implemented, not tested)
+            raise ConfigError(
+                f'{src}: zero_optimization.{key}.device="{device}" is not supported (ctscale masks '
+                'gradients in memory; NVMe swapping is untested with masks); use "cpu" '
+                '(ds_configs/zero3_offload.json) or "none"'
+            )
+        offload[key] = device == "cpu"
+    if offload["offload_optimizer"]:
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            raise ConfigError(
+                f"{src}: zero_force_ds_cpu_optimizer=true would reject ctscale's own AdamW under optimizer "
+                "offload; set it to false or remove it"
+            )
+        ds["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW steps the CPU partitions
     micro = batching.micro_batch_size(t.batch_size, t.grad_accum, world_size)
     derived = {  # DeepSpeed key -> (value from ctscale, the ctscale key it comes from)
         "train_batch_size": (t.batch_size, "train.batch_size"),
@@ -187,6 +213,8 @@ class DeepSpeedBackend:
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.ds_config = build_ds_config(cfg, self.world_size)
         self.stage: int = self.ds_config["zero_optimization"]["stage"]
+        offload = self.ds_config["zero_optimization"].get("offload_optimizer") or {}
+        self._offload = offload.get("device", "none") == "cpu"
         self._hf_ds_config = None
 
     @contextlib.contextmanager
@@ -266,33 +294,10 @@ class DeepSpeedBackend:
 
     def _local_ranges(self) -> list[tuple[str, torch.nn.Parameter, int, int]]:
         """(canonical name, parameter, start, end) of every local non-empty flat range."""
-        out = []
-        for name, p in self.module.named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.stage == 3:
-                part = p.ds_tensor.numel()  # partition size, padded so that part * world >= numel
-                start, end = self.rank * part, min((self.rank + 1) * part, p.ds_numel)
-            elif getattr(p, "_hp_mapping", None) is not None:
-                address = p._hp_mapping.lp_fragment_address
-                start, end = address.start, address.start + address.numel
-            else:  # ZeRO-1/2: no element of p in this rank's partition
-                continue
-            if start < end:
-                out.append((name, p, start, end))
-        return out
+        return local_flat_ranges(self.module, self.stage == 3, self.rank)
 
     def _local_grad(self, p: torch.nn.Parameter, numel: int) -> torch.Tensor:
-        """1-D view (length ``numel``) of the reduced gradient partition the optimizer reads."""
-        if self.stage == 3:
-            grad, _ = self.optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
-        else:
-            grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
-        flat = grad.view(-1)  # a view: raises rather than silently copying
-        if flat.numel() != numel:  # ZeRO-3 padding; a whole-parameter buffer (bf16 optimizer)
-            start = 0 if self.stage == 3 else p._hp_mapping.lp_fragment_address.start
-            flat = flat.narrow(0, start, numel)
-        return flat
+        return partition_grad(self.optimizer, p, self.stage == 3, numel)
 
     def grad_views(self) -> Iterator[GradView]:
         if not self.engine.is_gradient_accumulation_boundary():
@@ -310,7 +315,24 @@ class DeepSpeedBackend:
         return {n: self._shape(p) for n, p in self.module.named_parameters() if p.requires_grad}
 
     def step(self) -> None:
+        if self._offload:
+            self._renorm_offloaded_grads()
         self.engine.step()  # global norm of the masked partitions, clip, AdamW, scheduler
+
+    def _renorm_offloaded_grads(self) -> None:
+        """Optimizer offload: DeepSpeed stored each parameter's local gradient norm during
+        backward, before the mask; replace them by the norms of the masked local partitions
+        (what ``step()`` sums into the clipping norm). Local only, no collective."""
+        opt = self.optimizer
+        for _, p, _, _ in self._ranges:
+            if self.stage == 3:  # the whole padded partition, as DeepSpeed's safe_set_local_grad
+                grad, _ = opt._get_fp32_grad_state_partition(p, release_swap_buffers=False)
+                norm = opt._constant_buffered_norm2(grad)
+            else:
+                norm = (
+                    p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).to(get_norm_dtype()).norm(2)
+                )
+            opt.norm_for_param_grads[opt.get_param_id(p)] = norm
 
     def zero_grad(self) -> None:
         """Drop this window's reduced gradients without an update, as DeepSpeed's own
@@ -325,6 +347,10 @@ class DeepSpeedBackend:
                 opt.averaged_gradients[group] = None  # bf16: the fp32 buffer it accumulates into
                 opt.all_grad_tensors[group] = None
             opt.micro_step_id = -1  # INITIAL_MICRO_STEP_ID, as after step()
+        if self._offload:  # the stored pre-mask norms and overflow flag, as after step()
+            opt.reset_cpu_buffers()
+            if hasattr(opt, "_offload_accumulated_param_ids"):
+                opt._offload_accumulated_param_ids = set()
         self.engine.micro_steps += 1  # what engine.step() does at the end of every window
 
     # -- evaluation and output -------------------------------------------------------------
@@ -441,3 +467,57 @@ def _same_param(module: torch.nn.Module, alias: str) -> str:
     """The canonical (first) name of the parameter that ``alias`` also names (tied weights)."""
     target = module.get_parameter(alias)
     return next(n for n, p in module.named_parameters() if p is target)
+
+
+def local_flat_ranges(
+    module: torch.nn.Module, stage3: bool, rank: int
+) -> list[tuple[str, torch.nn.Parameter, int, int]]:
+    """(name, parameter, start, end) of each non-empty flat range of a trainable parameter that
+    this rank's ZeRO partition holds (ZeRO-1/2: the fragment of the flat partition; ZeRO-3: the
+    parameter's partition, padding excluded)."""
+    out = []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if stage3:
+            part = p.ds_tensor.numel()  # partition size, padded so that part * world >= numel
+            start, end = rank * part, min((rank + 1) * part, p.ds_numel)
+        elif getattr(p, "_hp_mapping", None) is not None:
+            address = p._hp_mapping.lp_fragment_address
+            start, end = address.start, address.start + address.numel
+        else:  # ZeRO-1/2: no element of p in this rank's partition
+            continue
+        if start < end:
+            out.append((name, p, start, end))
+    return out
+
+
+def partition_grad(optimizer: Any, p: torch.nn.Parameter, stage3: bool, numel: int) -> torch.Tensor:
+    """1-D view (length ``numel``) of the reduced gradient partition the ZeRO optimizer reads."""
+    if stage3:
+        grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
+    else:
+        grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+    flat = grad.view(-1)  # a view: raises rather than silently copying
+    if flat.numel() != numel:  # ZeRO-3 padding; a whole-parameter buffer (bf16 optimizer)
+        start = 0 if stage3 else p._hp_mapping.lp_fragment_address.start
+        flat = flat.narrow(0, start, numel)
+    return flat
+
+
+def zero_partition_grad_views(
+    module: torch.nn.Module, optimizer: Any, rank: int, with_grads: bool = True
+) -> list[GradView]:
+    """This rank's reduced gradient partitions under a ZeRO ``optimizer`` that someone else's
+    loop drives (``ctscale.hf`` under the Hugging Face Trainer); the gradients are valid inside
+    the optimizer's ``step()``, before it reads them (``with_grads=False``: ranges only, any
+    time). The same ranges and buffers as ``DeepSpeedBackend``. Local, no communication."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    stage3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+    views = []
+    for name, p, start, end in local_flat_ranges(module, stage3, rank):
+        shape = tuple(p.ds_shape) if stage3 else tuple(p.shape)
+        grad = partition_grad(optimizer, p, stage3, end - start) if with_grads else None
+        views.append(GradView(name, shape, start, end, grad))
+    return views
