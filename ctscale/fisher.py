@@ -76,14 +76,17 @@ class FisherAccumulator:
         views = self._own([v for v in views if v.name in self.shapes])
         scales = self._clip_scales(views)
         for view in views:
-            grad = view.grad.detach().float()
+            grad = view.grad.detach()
             if not torch.isfinite(grad).all():
                 raise CtscaleError(
                     f"non-finite gradient in {view.name} during the Fisher pass (batch "
                     f"{self.batches}); lower the learning-rate-independent loss scale, check the "
                     "data for NaN labels, or use fp32 (model.dtype=float32)"
                 )
-            square = (grad * scales[view.name]).square_()
+            if view.owned and grad.dtype == torch.float32:  # square in place and keep it
+                square = grad.mul_(scales[view.name]).square_()
+            else:  # a buffer the engine reuses (or low precision): square into a new fp32 tensor
+                square = (grad.float() * scales[view.name]).square_()
             if view.key() in self.sums:
                 self.sums[view.key()] += square
             else:

@@ -83,7 +83,7 @@ def shard0_flat_range(name: str, p: torch.nn.Parameter, rank: int, world: int) -
     return lo * row_numel, hi * row_numel
 
 
-def shard0_grad_view(name: str, p: torch.nn.Parameter, start: int, end: int) -> GradView:
+def shard0_grad_view(name: str, p: torch.nn.Parameter, start: int, end: int, owned: bool = False) -> GradView:
     """The local (reduce-scattered) gradient shard of ``p`` as a flat view of the storage the
     optimizer reads, for the flat range ``[start, end)`` from ``shard0_flat_range``."""
     if not isinstance(p.grad, DTensor):
@@ -96,7 +96,7 @@ def shard0_grad_view(name: str, p: torch.nn.Parameter, start: int, end: int) -> 
     if not local.is_contiguous() or local.numel() != end - start:
         # view(-1) of anything else would copy or misplace entries and masks would be lost
         raise RuntimeError(f"fsdp: the local gradient of {name} is not a contiguous shard")
-    return GradView(name, tuple(p.shape), start, end, local.view(-1))
+    return GradView(name, tuple(p.shape), start, end, local.view(-1), owned)
 
 
 class FSDPBackend:
@@ -167,7 +167,8 @@ class FSDPBackend:
         storage, which is what AdamW reads. No communication."""
         for name, p in self.model.named_parameters():
             if p.grad is not None:
-                yield shard0_grad_view(name, p, *self._ranges[name])
+                # owned: zero_grad sets grads to None; each reduce-scatter writes a new shard
+                yield shard0_grad_view(name, p, *self._ranges[name], owned=True)
 
     def shard_ranges(self) -> list[GradView]:
         return [GradView(n, self._shape(n), s, e) for n, (s, e) in self._ranges.items()]

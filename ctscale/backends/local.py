@@ -67,7 +67,8 @@ class LocalBackend:
     def grad_views(self) -> Iterator[GradView]:
         for name, p in self.model.named_parameters():
             if p.grad is not None:
-                yield GradView(name, tuple(p.shape), 0, p.numel(), p.grad.view(-1))
+                # zero_grad sets grads to None: each backward allocates new ones
+                yield GradView(name, tuple(p.shape), 0, p.numel(), p.grad.view(-1), owned=True)
 
     def shard_ranges(self) -> list[GradView]:
         return [

@@ -23,6 +23,9 @@ class GradView:
     grad:  local 1-D tensor of length ``end - start``; a view into the storage the optimizer
            reads, so in-place edits (``mul_``) are what the optimizer sees. ``None`` where the
            backend only needs the range (mask loading, Fisher buffer allocation).
+    owned: ``grad``'s storage is dropped by the backend's ``zero_grad`` and never written again,
+           so a consumer that runs just before it may overwrite and keep it (the Fisher pass
+           does: its sums need no memory beyond the gradients). False for reused buffers.
     """
 
     name: str
@@ -30,6 +33,7 @@ class GradView:
     start: int
     end: int
     grad: torch.Tensor | None = None
+    owned: bool = False
 
     @property
     def numel(self) -> int:
