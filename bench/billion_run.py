@@ -48,12 +48,14 @@ ENGINES = {
 
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)
-    model_dir, out = work / f"qwen2-{args.layers}l", work / f"run-{args.engine}-{args.mode}"
+    model_dir = work / f"qwen2-{args.layers}l"
+    out = work / f"run-{args.engine}-{args.mode}-{args.dtype}"
     parameters = synthetic.write_decoder(model_dir, layers=args.layers)
     data = model_dir / "train.jsonl"
     overrides = [
         f"model.name_or_path={model_dir}",
         "model.random_init=true",
+        f"model.dtype={args.dtype}",
         "data.task=jsonl",
         f"data.train_file={data}",
         "data.max_length=64",
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> dict:
         *ENGINES[args.engine],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if args.mmap_threshold:  # glibc: tensors above this size are mmapped, so freeing returns them
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
         str(args.port), "-m", "ctscale", "train", *[a for o in overrides for a in ("--set", o)],
@@ -81,37 +85,48 @@ def run(args: argparse.Namespace) -> dict:
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    peaks, stopped = monitor(proc, args.budget_gib * GIB)
+    samples, stopped = monitor(proc, args.budget_gib * GIB)
+    peaks: dict[int, int] = {}
+    for _, ranks in samples:
+        for rank, rss in ranks.items():
+            peaks[rank] = max(peaks.get(rank, 0), rss)
     log_tail = proc.stdout.read()[-4000:] if proc.stdout else ""
     records = (
         [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         if (out / "metrics.jsonl").exists()
         else []
     )
+    seconds, bounds = phases(records, started)
+    if stopped is not None or proc.returncode != 0:
+        bounds.append(("stopped", time.time()))
     return {
         "engine": args.engine,
         "mode": args.mode,
         "layers": args.layers,
         "parameters": parameters,
         "reserve_p": args.p,
+        "fisher_batches": args.fisher_batches,
+        "dtype": args.dtype,
+        "mmap_threshold": args.mmap_threshold,
         "exit_code": proc.returncode,
         "fit": proc.returncode == 0 and stopped is None,
         "stopped": stopped,
         "peak_rss_gib_per_rank": {r: round(v / GIB, 2) for r, v in sorted(peaks.items())},
-        "phases_s": phases(records, started),
+        "phases_s": seconds,
+        "peak_rss_gib_per_phase": phase_peaks(samples, bounds),
         "wall_s": round(time.time() - started, 1),
         "log_tail": None if proc.returncode == 0 else log_tail[-1500:],
     }
 
 
-def monitor(proc: subprocess.Popen, budget: float) -> tuple[dict[int, int], str | None]:
+def monitor(proc: subprocess.Popen, budget: float) -> tuple[list[tuple[float, dict[int, int]]], str | None]:
     """Sample each rank's RSS every 0.2 s; stop the job when the ranks together pass ``budget``
-    or the machine has < 1 GiB available. Returns (peak RSS per rank, why it was stopped)."""
-    peaks: dict[int, int] = {}
+    or the machine has < 1 GiB available. Returns ([(time, {rank: rss})], why it was stopped)."""
+    samples: list[tuple[float, dict[int, int]]] = []
     stopped = None
     parent = psutil.Process(proc.pid)
     while proc.poll() is None:
-        total = 0
+        ranks: dict[int, int] = {}
         for child in parent.children(recursive=True):
             try:
                 rank = int(child.environ().get("RANK", -1))
@@ -119,8 +134,9 @@ def monitor(proc: subprocess.Popen, budget: float) -> tuple[dict[int, int], str 
             except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
                 continue
             if rank >= 0:
-                peaks[rank] = max(peaks.get(rank, 0), rss)
-                total += rss
+                ranks[rank] = rss
+        samples.append((time.time(), ranks))
+        total = sum(ranks.values())
         low = psutil.virtual_memory().available < GIB
         if stopped is None and (total > budget or low):
             stopped = f"ranks' RSS {total / GIB:.1f} GiB" + (
@@ -130,20 +146,41 @@ def monitor(proc: subprocess.Popen, budget: float) -> tuple[dict[int, int], str 
             for child in parent.children(recursive=True):
                 child.kill()
         time.sleep(0.2)
-    return peaks, stopped
+    return samples, stopped
 
 
-def phases(records: list[dict], started: float) -> dict:
-    """Seconds per phase from metrics.jsonl: start-up + model build, Fisher, selection, mask
-    save and load, and every training step."""
+def phase_peaks(samples: list[tuple[float, dict[int, int]]], bounds: list[tuple[str, float]]) -> dict:
+    """Peak RSS (GiB) per rank within each phase; ``bounds`` are (phase, start time) in order."""
+    out: dict[str, dict[int, float]] = {}
+    for i, (phase, start) in enumerate(bounds):
+        end = bounds[i + 1][1] if i + 1 < len(bounds) else float("inf")
+        for t, ranks in samples:
+            if start <= t < end:
+                for rank, rss in ranks.items():
+                    peak = out.setdefault(phase, {})
+                    peak[rank] = max(peak.get(rank, 0.0), round(rss / GIB, 2))
+    return out
+
+
+def phases(records: list[dict], started: float) -> tuple[dict, list[tuple[str, float]]]:
+    """Seconds per phase from metrics.jsonl (start-up + model build, Fisher, selection, mask
+    save and load, every training step), and the start time of each phase."""
+    bounds = [("startup_and_build", started)]
     ready = next((r for r in records if r["event"] == "mask_ready"), None)
     if ready is None:
-        return {}
-    out = {"startup_and_build": round(ready["time"] - ready["seconds"] - started, 1)}
-    out |= {k.removesuffix("_seconds"): v for k, v in ready.items() if k.endswith("_seconds")}
+        return {}, bounds
+    setup_start = ready["time"] - ready["seconds"]
+    out = {"startup_and_build": round(setup_start - started, 1)}
+    t = setup_start
+    for key, value in ready.items():
+        if key.endswith("_seconds"):
+            out[key.removesuffix("_seconds")] = value
+            bounds.append((key.removesuffix("_seconds"), t))
+            t += value
+    bounds.append(("train", ready["time"]))
     steps = [r["time"] for r in records if r["event"] == "train"]
     out["train_steps"] = [round(b - a, 1) for a, b in zip([ready["time"], *steps], steps)]
-    return out
+    return out, bounds
 
 
 def main() -> None:
@@ -152,11 +189,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=MODES, default="child-only")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--p", type=float, default=0.1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model.dtype")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fisher-batches", type=int, default=2)
     parser.add_argument("--budget-gib", type=float, default=21.0)
     parser.add_argument("--workdir", default="/tmp/ctscale-billion")
     parser.add_argument("--port", type=int, default=29517)
+    parser.add_argument(
+        "--mmap-threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ (bytes; 0: default)"
+    )
     result = run(parser.parse_args())
     print(json.dumps(result))
 
