@@ -37,13 +37,23 @@ MODES = {
     "dense-ct-d": ["method.name=ct-d"],
     "vanilla": ["method.name=vanilla"],
 }
-ENGINES = {
-    "fsdp": ["distributed.backend=fsdp"],
-    "deepspeed": [
-        "distributed.backend=deepspeed",
-        f"distributed.deepspeed_config={REPO / 'ds_configs' / 'zero3.json'}",
-    ],
+ENGINES = {"fsdp": ["distributed.backend=fsdp"], "deepspeed": ["distributed.backend=deepspeed"]}
+# ds_configs/zero3.json with buffers sized for CPU memory: DeepSpeed's defaults (reduce bucket
+# 5e8 and sub-group 1e9 entries: 2 and 4 GB of fp32 buffers per rank) are meant for GPUs.
+ZERO3_CPU = {
+    "reduce_bucket_size": 5e7,
+    "sub_group_size": 1e8,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_max_live_parameters": 1e8,
+    "stage3_max_reuse_distance": 1e8,
 }
+
+
+def write_ds_config(path: Path) -> Path:
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"].update(ZERO3_CPU)
+    path.write_text(json.dumps(config, indent=2))
+    return path
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -72,6 +82,8 @@ def run(args: argparse.Namespace) -> dict:
         *MODES[args.mode],
         *ENGINES[args.engine],
     ]
+    if args.engine == "deepspeed":
+        overrides.append(f"distributed.deepspeed_config={write_ds_config(work / 'zero3_cpu.json')}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     if args.mmap_threshold:  # glibc: tensors above this size are mmapped, so freeing returns them
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
