@@ -227,8 +227,10 @@ def ctf_breakdown(p: float, n: int = 768 * 3072, repeats: int = 11) -> str:
     keep = bernoulli_mask(0, 1, "w", 0, n, p)
     parts = {
         "CT-F hash -> keep bits (bernoulli_mask)": lambda: bernoulli_mask(0, 1, "w", 0, n, p),
-        "CT-F apply: masked_fill_(~keep, 0).mul_(1/p)": lambda: grad.masked_fill_(~keep, 0).mul_(1 / p),
-        "CT-D apply: masked_fill_(~keep, 0)": lambda: grad.masked_fill_(~keep, 0),
+        "CT-F apply: mul_(keep).mul_(1/p) (ctscale)": lambda: grad.mul_(keep).mul_(1 / p),
+        "CT-D apply: mul_(keep) (ctscale)": lambda: grad.mul_(keep),
+        "before: masked_fill_(~keep, 0).mul_(1/p)": lambda: grad.masked_fill_(~keep, 0).mul_(1 / p),
+        "before: masked_fill_(~keep, 0)": lambda: grad.masked_fill_(~keep, 0),
         "AdamW step (torch default, 1 tensor)": opt.step,
     }
     secs = {k: [] for k in parts}

@@ -35,7 +35,9 @@ class FixedChildMask:
             )
         if keep.device != view.grad.device:  # moved once, on first use
             keep = self.local_masks[view.key()] = keep.to(view.grad.device)
-        view.grad.masked_fill_(~keep, 0)
+        # x * True = x, x * False = 0 (-0.0 for x < 0: the same Adam update); ~3x faster on
+        # CPU than masked_fill_(~keep, 0), which also allocates the inverted mask every step
+        view.grad.mul_(keep)
 
     def state_bytes(self) -> int:
         return sum(m.numel() * m.element_size() for m in self.local_masks.values())
