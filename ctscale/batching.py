@@ -37,12 +37,17 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
+def global_batch_indices(order: torch.Tensor, step: int, global_batch: int) -> torch.Tensor:
+    """The example indices of optimizer step ``step`` in an epoch's ``order`` (every rank's)."""
+    return order[step * global_batch : (step + 1) * global_batch]
+
+
 def rank_micro_batches(
     order: torch.Tensor, step: int, global_batch: int, grad_accum: int, rank: int, world_size: int
 ) -> Iterator[torch.Tensor]:
     """The example indices rank ``rank`` uses in each micro-step of optimizer step ``step``."""
     micro = micro_batch_size(global_batch, grad_accum, world_size)
-    batch = order[step * global_batch : (step + 1) * global_batch]
+    batch = global_batch_indices(order, step, global_batch)
     for m in range(grad_accum):
         lo = (m * world_size + rank) * micro
         yield batch[lo : lo + micro]

