@@ -92,3 +92,14 @@ def test_candidate_filter_is_regex_search_with_excludes():
     assert not is_candidate("bert.encoder.layer.0.attention.self.query.bias")
     assert not is_candidate("bert.embeddings.word_embeddings.weight")
     assert not is_candidate("bert.encoder.layer.0.output.LayerNorm.weight")
+
+
+def test_scores_across_the_whole_float_range_match_brute_force():
+    """The 16-bit high histogram spans exponents from subnormals to 1e38; ties sit inside a bin."""
+    gen = torch.Generator().manual_seed(3)
+    exponents = torch.randint(-149, 127, (3000,), generator=gen).float()
+    values = torch.pow(2.0, exponents) * (1 + torch.randint(0, 3, (3000,), generator=gen).float() / 4)
+    values[::11] = 0.0
+    pieces = {("a", 0): values[:1700], ("b", 0): values[1700:]}
+    for k in (1, 17, 1500, 2999, 3000):
+        assert torch.equal(flat(select_top_k(pieces, k)), brute_force(pieces, k)), k
