@@ -89,7 +89,7 @@ def build(backend_name: str, world: int, a: dict):
             masks[v.key()] = (torch.rand(v.global_numel, generator=gen) < a["p"])[v.start : v.end].clone()
     strategies = {
         "vanilla": NoMask(),
-        "ct-f": RandomChildMask(a["p"], seed=0),
+        "ct-f": RandomChildMask(a["p"], seed=0, kernel=a["ctf_kernel"]),
         "ct-d": FixedChildMask(masks, is_candidate),
     }
     return backend, strategies, is_candidate
@@ -217,7 +217,7 @@ def ctf_breakdown(p: float, n: int = 768 * 3072, repeats: int = 11) -> str:
     BERT-base's largest block shape; parts interleaved within each repeat, medians."""
     import torch
 
-    from ctscale.masks.hashing import bernoulli_mask
+    from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
 
     torch.set_num_threads(1)
     grad, param = torch.randn(n), torch.nn.Parameter(torch.randn(n))
@@ -225,9 +225,16 @@ def ctf_breakdown(p: float, n: int = 768 * 3072, repeats: int = 11) -> str:
     param.grad = grad.clone()
     opt.step()  # allocate the state
     keep = bernoulli_mask(0, 1, "w", 0, n, p)
+    keep_and_rescale_(grad, 0, 1, "w", 0, p, compiled=True)  # compile outside the timing
     parts = {
-        "CT-F hash -> keep bits (bernoulli_mask)": lambda: bernoulli_mask(0, 1, "w", 0, n, p),
-        "CT-F apply: mul_(keep).mul_(1/p) (ctscale)": lambda: grad.mul_(keep).mul_(1 / p),
+        "CT-F fused, eager (keep_and_rescale_: hash + draw + rescale)": lambda: keep_and_rescale_(
+            grad, 0, 1, "w", 0, p
+        ),
+        "CT-F fused, compiled (torch.compile)": lambda: keep_and_rescale_(
+            grad, 0, 1, "w", 0, p, compiled=True
+        ),
+        "before: hash -> keep bits (bernoulli_mask)": lambda: bernoulli_mask(0, 1, "w", 0, n, p),
+        "before: CT-F apply mul_(keep).mul_(1/p)": lambda: grad.mul_(keep).mul_(1 / p),
         "CT-D apply: mul_(keep) (ctscale)": lambda: grad.mul_(keep),
         "before: masked_fill_(~keep, 0).mul_(1/p)": lambda: grad.masked_fill_(~keep, 0).mul_(1 / p),
         "before: masked_fill_(~keep, 0)": lambda: grad.masked_fill_(~keep, 0),
@@ -252,6 +259,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     ap.add_argument("--p", type=float, default=0.3, help="reserve_p of CT-F and CT-D")
+    ap.add_argument("--ctf-kernel", default="auto", choices=("auto", "eager", "compiled"), help="CT-F kernel")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per backend")

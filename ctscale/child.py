@@ -57,7 +57,7 @@ def build_strategy(
         return NoMask()
     if method.name == "ct-f":
         seed = cfg.train.seed if method.mask_seed is None else method.mask_seed
-        return RandomChildMask(method.reserve_p, seed)
+        return RandomChildMask(method.reserve_p, seed, method.ctf_kernel)
     path = ctd_mask_path(cfg, mask_path)
     if not (mask_path or method.mask_file):
         estimate_and_save_mask(cfg, backend, fisher_pass, Path(path), seconds)

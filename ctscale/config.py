@@ -91,6 +91,7 @@ class MethodConfig:
     name: str = "vanilla"
     reserve_p: float = 0.3  # fraction of gradient entries kept, in (0, 1]
     mask_seed: int | None = None  # CT-F mask seed; None -> train.seed
+    ctf_kernel: str = "auto"  # CT-F: "eager", "compiled" (torch.compile), "auto" (compiled on GPUs)
     mask_file: str | None = None  # CT-D: use this mask instead of estimating Fisher
     child_only_optimizer: bool = False  # CT-D: AdamW state only for child entries (local, ddp, fsdp)
 
@@ -131,6 +132,7 @@ SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.field
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "method.name": ("vanilla", "ct-f", "ct-d"),
+    "method.ctf_kernel": ("auto", "eager", "compiled"),
     "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
 }
 

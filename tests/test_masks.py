@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
 
-from ctscale.masks import FixedChildMask, GradView, RandomChildMask
-from ctscale.masks.hashing import bernoulli_mask
+from ctscale.masks import FixedChildMask, GradView, RandomChildMask, hashing
+from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
 
 
 def test_same_coordinates_same_mask_and_new_step_new_mask():
@@ -68,6 +69,48 @@ def test_rescaled_gradient_is_unbiased():
     sigma = grad.abs() * math.sqrt(0.75 / (0.25 * steps))
     assert ((mean - grad).abs() <= 5 * sigma + 1e-6).all()
     assert abs(((mean - grad) / grad.abs().clamp_min(1e-3)).mean().item()) < 0.01
+
+
+# (numel, start, p): chunk edges (eager CPU chunk 2**18), the 2**31 block edge, p = 1, tiny p
+FUSED_CASES = [
+    (10, 0, 0.3),
+    (3 * 2**18 + 17, 123, 0.1),
+    (5000, (1 << 31) - 2000, 0.3),
+    (777, 0, 1.0),
+    (777, 0, 1e-9),
+    (999, 3, 0.999999),
+]
+
+
+def _expected(grad, start, p):
+    return grad * bernoulli_mask(7, 3, "x.w", start, start + grad.numel(), p) * (1.0 / p)
+
+
+@pytest.mark.parametrize("numel,start,p", FUSED_CASES)
+def test_fused_eager_kernel_gives_bernoulli_mask_bits(numel, start, p):
+    grad = torch.randn(numel, dtype=torch.float64)
+    out = keep_and_rescale_(grad.clone(), 7, 3, "x.w", start, p, compiled=False)
+    assert torch.equal(out, _expected(grad, start, p))
+
+
+@pytest.mark.slow  # one torch.compile (C++ codegen) per process: ~20 s the first time
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler"
+)
+def test_compiled_kernel_gives_bernoulli_mask_bits(monkeypatch):
+    monkeypatch.setattr(hashing, "_COMPILED_CHUNK", 2**18)  # several chunks, as on a big tensor
+    for numel, start, p in FUSED_CASES:
+        grad = torch.randn(numel)
+        out = keep_and_rescale_(grad.clone(), 7, 3, "x.w", start, p, compiled=True)
+        assert torch.equal(out, _expected(grad, start, p)), (numel, start, p)
+    view = GradView("w", (4, 5), 0, 20, torch.ones(20, dtype=torch.bfloat16))
+    RandomChildMask(0.5, seed=1, kernel="compiled").apply(view, step=0)
+    assert torch.equal(view.grad.float(), 2 * bernoulli_mask(1, 0, "w", 0, 20, 0.5).float())
+
+
+def test_unknown_ctf_kernel_is_refused():
+    with pytest.raises(ValueError, match="CT-F kernel must be one of"):
+        RandomChildMask(0.3, seed=0, kernel="triton")
 
 
 def test_ctf_keeps_p_fraction_and_scales_by_inverse_p():
