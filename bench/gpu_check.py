@@ -5,8 +5,11 @@
 
 Each method runs the real ``ctscale train`` (torchrun, one process per GPU) on a 1.0 B-parameter
 Qwen2-shaped decoder with random weights (``bench/synthetic.py``: tokenizer and data made on
-the spot), ``ds_configs/zero3.json`` with ``train.bf16=true``. Reports the median step time
-(first steps dropped), the ratio to vanilla, the peak GPU memory, and CT-D's Fisher/selection time.
+the spot), ``ds_configs/zero3.json`` with ``train.bf16=true``: vanilla, CT-D, CT-F with its
+eager kernel and CT-F with its ``torch.compile`` kernel (not in the CPU dry run). Reports the
+median step time (first steps dropped), the ratio to vanilla, the peak GPU memory, and CT-D's
+Fisher/selection time. First, it checks that CT-F masks, both CT-F kernels and the top-k
+selection give on this device the same bits as on the CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ SHAPES = {  # (layers, hidden, intermediate, heads, kv heads)
 }
 
 
-def run_method(method: str, model_dir: Path, out: Path, args: argparse.Namespace) -> dict:
+# (label, ctscale method, extra overrides); CT-F last: its compiled kernel is the newest part
+RUNS = [
+    ("vanilla", "vanilla", []),
+    ("ct-d", "ct-d", []),
+    ("ct-f (eager kernel)", "ct-f", ["method.ctf_kernel=eager"]),
+    ("ct-f (compiled kernel)", "ct-f", ["method.ctf_kernel=compiled"]),
+]
+
+
+def run_method(label: str, method: str, extra: list[str], model_dir: Path, out: Path, args) -> dict:
     overrides = [
         f"model.name_or_path={model_dir}",
         "model.random_init=true",
@@ -52,6 +64,7 @@ def run_method(method: str, model_dir: Path, out: Path, args: argparse.Namespace
         f"method.name={method}",
         "method.reserve_p=0.3",
         "fisher.num_batches=4",
+        *extra,
     ]
     cmd = [
         sys.executable,
@@ -67,17 +80,19 @@ def run_method(method: str, model_dir: Path, out: Path, args: argparse.Namespace
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"method": method, "error": (proc.stdout + proc.stderr)[-3000:]}
+        return {"method": label, "error": (proc.stdout + proc.stderr)[-3000:]}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["event"] == "train"]
     ready = next(r for r in records if r["event"] == "mask_ready")
     times = [b["time"] - a["time"] for a, b in zip(train, train[1:])][args.warmup :]
     return {
-        "method": method,
+        "method": label,
         "median_step_s": statistics.median(times),
         "steps_timed": len(times),
         "max_gpu_mem_gib": train[-1].get("max_gpu_mem_gib"),
         "mask_setup_s": round(ready["seconds"], 2),
+        "fisher_s": ready.get("fisher_seconds"),
+        "select_s": ready.get("select_seconds"),
         "final_loss": train[-1]["loss"],
         "wall_s": round(time.time() - started, 1),
     }
@@ -87,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="dry run: gloo, tiny model")
     parser.add_argument("--gpus", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3, help="step intervals dropped before the median")
     parser.add_argument("--batch", type=int, default=8, help="sequences per GPU per step")
     parser.add_argument("--seq", type=int, default=64)
@@ -95,34 +110,163 @@ def main() -> None:
         "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ctscale-gpu-check"
     )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument(
+        "--kernels-only", action="store_true", help="only the bit checks and the per-element kernel timings"
+    )
     args = parser.parse_args()
+    if args.kernels_only:
+        summary = {
+            "device": _device(),
+            "portability": _portability(True),
+            "kernels_ns_per_element": _kernel_timings(),
+            "select_top_k_s": _selection_seconds(),
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_kernels.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+        sys.exit(0 if all(summary["portability"].values()) else 1)
     if args.cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
         args.steps, args.warmup, args.batch = 4, 1, 2
     layers, hidden, inter, heads, kv = SHAPES["cpu" if args.cpu else "gpu"]
     model_dir = args.work / "model"
     params = synthetic.write_decoder(model_dir, layers, hidden, inter, heads, kv)
-    results = [run_method(m, model_dir, args.work / m, args) for m in ("vanilla", "ct-f", "ct-d")]
+    portability = _portability(compile_check=not args.cpu)
+    results = []
+    for i, (label, method, extra) in enumerate(RUNS[:-1] if args.cpu else RUNS):  # no C++ compile on CPU
+        results.append(run_method(label, method, extra, model_dir, args.work / f"run{i}", args))
+        if "error" in results[-1]:
+            break  # the next methods would fail the same way: keep the GPU time for a rerun
     base = results[0].get("median_step_s")
     for r in results:
         if base and "median_step_s" in r:
             r["ratio_vs_vanilla"] = round(r["median_step_s"] / base, 3)
-    summary = {"machine": platform.node(), "device": _device(), "parameters": params, "results": results}
+    summary = {
+        "machine": platform.node(),
+        "device": _device(),
+        "parameters": params,
+        "portability": portability,
+        "results": results,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
     print(f"{params / 1e6:,.1f} M parameters, ZeRO-3, bf16, {args.gpus} process(es) on {summary['device']}")
-    print("| method | median step (s) | vs vanilla | peak GPU memory (GiB) | mask set-up (s) |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| method | median step (s) | vs vanilla | peak GPU memory (GiB) | mask set-up (s) | Fisher / selection (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         if "error" in r:
             print(f"| {r['method']} | failed | | | |\n{r['error']}")
             continue
         print(
             f"| {r['method']} | {r['median_step_s']:.3f} | {r.get('ratio_vs_vanilla', float('nan')):.3f} | "
-            f"{r['max_gpu_mem_gib']} | {r['mask_setup_s']} |"
+            f"{r['max_gpu_mem_gib']} | {r['mask_setup_s']} | {r['fisher_s']} / {r['select_s']} |"
         )
-    if any("error" in r for r in results):
+    for check, same in portability.items():
+        print(f"{check}: {'identical' if same else 'DIFFERENT'}")
+    if any("error" in r for r in results) or not all(portability.values()):
         sys.exit(1)
+
+
+def _portability(compile_check: bool) -> dict[str, bool]:
+    """CT-F masks and the top-k selection on this device equal the CPU's, bit for bit.
+
+    Masks are portable across backends only if the counter hash and the radix select give the
+    same bits on the GPU (int32 wrap-around, shifts, bincount) as on the CPU the tests run on.
+    """
+    import torch
+
+    from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
+    from ctscale.select import select_top_k
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = (1 << 23) + 12345  # spans chunk boundaries of both the hash and the selection
+    masks_equal = all(
+        torch.equal(
+            bernoulli_mask(seed, step, name, 1000, 1000 + n, 0.3),
+            bernoulli_mask(seed, step, name, 1000, 1000 + n, 0.3, device).cpu(),
+        )
+        for seed, step, name in ((0, 0, "a.weight"), (42, 7, "layers.3.mlp.up_proj.weight"))
+    )
+    # 100 distinct values: the k-th largest sits in a block of ties, broken by flat index
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    fused = {  # the CT-F kernels that train: eager chunks, and one torch.compile kernel (Triton on GPU)
+        compiled: keep_and_rescale_(grad.to(device, copy=True), 42, 7, "w", 1000, 0.3, compiled).cpu()
+        for compiled in ((False, True) if compile_check else (False,))
+    }
+    expected = grad * bernoulli_mask(42, 7, "w", 1000, 1000 + n, 0.3) * (1 / 0.3)
+    scores = torch.randint(100, (n,), generator=torch.Generator().manual_seed(0)).float() / 100
+    k = int(0.3 * n)
+    on_cpu = select_top_k({("w", 0): scores}, k)[("w", 0)]
+    on_device = select_top_k({("w", 0): scores.to(device)}, k)[("w", 0)].cpu()
+    checks = {
+        "ct-f masks, CPU vs this device": masks_equal,
+        "ct-f eager kernel on this device vs CPU masks": torch.equal(fused[False], expected),
+        "top-k selection, CPU vs this device": torch.equal(on_cpu, on_device) and int(on_cpu.sum()) == k,
+    }
+    if compile_check:
+        checks["ct-f compiled kernel on this device vs CPU masks"] = torch.equal(fused[True], expected)
+    return checks
+
+
+def _kernel_timings(n: int = 1 << 27, repeats: int = 7) -> dict[str, float]:
+    """ns per element on this device: the CT-F kernels, CT-D's apply and one AdamW step, on one
+    fp32 tensor of ``n`` entries (medians over ``repeats``, after one untimed call each)."""
+    import torch
+
+    from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    grad, param = torch.randn(n, device=device), torch.nn.Parameter(torch.randn(n, device=device))
+    param.grad = grad.clone()
+    opt = torch.optim.AdamW([param], lr=1e-5)
+    keep = bernoulli_mask(0, 1, "w", 0, n, 0.3, device)
+    parts = {
+        "ct-f eager kernel": lambda: keep_and_rescale_(grad, 0, 1, "w", 0, 0.3),
+        "ct-f compiled kernel": lambda: keep_and_rescale_(grad, 0, 1, "w", 0, 0.3, compiled=True),
+        "ct-f before: bernoulli_mask + 2 multiplies": lambda: grad.mul_(
+            bernoulli_mask(0, 1, "w", 0, n, 0.3, device)
+        ).mul_(1 / 0.3),
+        "ct-d apply: mul_(keep)": lambda: grad.mul_(keep),
+        "adamw step (torch default)": opt.step,
+    }
+    out = {}
+    for name, fn in parts.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            grad.normal_()  # keep values finite: the CT-F parts rescale in place
+        out[name] = round(statistics.median(times) / n * 1e9, 4)
+    return out
+
+
+def _selection_seconds(n: int = 1 << 30) -> dict[str, float]:
+    """Seconds of the exact top-30 % selection over ``n`` fp32 scores held on this device (one
+    process, so no collectives), in 8 pieces; median of 3 after one untimed call."""
+    import torch
+
+    from ctscale.select import select_top_k
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pieces = {(f"p{i}", 0): torch.empty(n // 8, device=device).exponential_() for i in range(8)}
+    k = int(0.3 * n)
+    times = []
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        masks = select_top_k(pieces, k)
+        assert sum(int(m.sum()) for m in masks.values()) == k
+        times.append(time.perf_counter() - start)
+    return {"entries": n, "seconds": round(statistics.median(times[1:]), 3)}
 
 
 def _device() -> str:

@@ -110,7 +110,7 @@ def save_child_network(
     with _timed(seconds, "select"):
         masks = select_child(fisher.scores(), total, reserve_p)
     pieces = [
-        store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits)
+        store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits.cpu())
         for (name, start), bits in masks.items()
     ]
     metadata = {

@@ -26,9 +26,18 @@ def is_main() -> bool:
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op at world size 1)."""
-    if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum ``tensor`` over ranks in place (no-op at world size 1).
+
+    NCCL reduces device tensors only, so a CPU tensor (histograms, per-tensor norms) makes a
+    round trip through this rank's GPU there; gloo reduces it where it is.
+    """
+    if world_size() == 1:
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_device = tensor.to(default_device(), copy=True)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return tensor.copy_(on_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

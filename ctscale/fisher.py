@@ -106,15 +106,16 @@ class FisherAccumulator:
         return {n: min(1.0, self.max_grad_norm / (float(norms[i]) + 1e-6)) for n, i in index.items()}
 
     def scores(self) -> dict[Key, torch.Tensor]:
-        """Local Fisher estimates ``sum / batches`` per piece (fp32, on CPU). Divides in place
-        (no second copy of a shard-sized buffer): call it once, after the last ``add``."""
+        """Local Fisher estimates ``sum / batches`` per piece (fp32, where they were summed: a
+        GPU selects on the GPU). Divides in place (no second copy of a shard-sized buffer): call
+        it once, after the last ``add``."""
         if self.batches == 0:
             raise CtscaleError("the Fisher pass saw no batch: fisher.num_batches must be >= 1")
         if not self._averaged:
             for s in self.sums.values():
                 s.div_(self.batches)
             self._averaged = True
-        return {k: s.cpu() for k, s in self.sums.items()}
+        return dict(self.sums)
 
     def clear(self) -> None:
         """Drop the accumulated sums (as large as the local candidate shard)."""

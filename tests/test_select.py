@@ -103,3 +103,26 @@ def test_scores_across_the_whole_float_range_match_brute_force():
     pieces = {("a", 0): values[:1700], ("b", 0): values[1700:]}
     for k in (1, 17, 1500, 2999, 3000):
         assert torch.equal(flat(select_top_k(pieces, k)), brute_force(pieces, k)), k
+
+
+def _sum_cpu_tensor_as_on_nccl(rank: int, world_size: int) -> tuple[list[int], list[bool]]:
+    import torch.distributed as tdist
+
+    from ctscale import dist
+
+    dist.init_from_env()
+    # NCCL reduces device tensors only: a CPU tensor must make the round trip through
+    # default_device() (the CPU here, standing in for the GPU) and land back in place
+    hist = torch.tensor([rank + 1, 10 * rank], dtype=torch.int64)
+    reduced_in_place, all_reduce = [], tdist.all_reduce
+    tdist.get_backend = lambda group=None: "nccl"
+    tdist.all_reduce = lambda t, **kw: reduced_in_place.append(t is hist) or all_reduce(t, **kw)
+    assert dist.all_reduce_sum_(hist) is hist
+    return hist.tolist(), reduced_in_place
+
+
+@pytest.mark.slow
+def test_histogram_all_reduce_round_trips_cpu_tensors_under_nccl():
+    from dist_harness import run_world
+
+    assert run_world(_sum_cpu_tensor_as_on_nccl, 2) == [([3, 10], [False])] * 2
