@@ -3,6 +3,7 @@
     python bench/billion_run.py --mode child-only            # FSDP2, AdamW state for the child only
     python bench/billion_run.py --mode vanilla               # the same run with dense AdamW
     python bench/billion_run.py --mode dense-ct-d --engine deepspeed   # ZeRO-3
+    python bench/billion_run.py --mode dense-ct-d --engine deepspeed --ds-config zero3_bf16_masters.json
     python bench/billion_run.py --mode child-only --layers 2           # a quick dry run (0.17 B)
 
 The model is Qwen2-1.5B's block shape (hidden 1536, 12 heads / 2 KV heads, MLP 8960, tied
@@ -49,8 +50,8 @@ ZERO3_CPU = {
 }
 
 
-def write_ds_config(path: Path) -> Path:
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+def write_ds_config(path: Path, shipped: str) -> Path:
+    config = json.loads((REPO / "ds_configs" / shipped).read_text())
     config["zero_optimization"].update(ZERO3_CPU)
     path.write_text(json.dumps(config, indent=2))
     return path
@@ -59,7 +60,7 @@ def write_ds_config(path: Path) -> Path:
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)
     model_dir = work / f"qwen2-{args.layers}l"
-    out = work / f"run-{args.engine}-{args.mode}-{args.dtype}"
+    out = work / f"run-{args.engine}-{args.mode}-{args.dtype}-{args.ds_config.removesuffix('.json')}"
     parameters = synthetic.write_decoder(model_dir, layers=args.layers)
     data = model_dir / "train.jsonl"
     overrides = [
@@ -83,7 +84,10 @@ def run(args: argparse.Namespace) -> dict:
         *ENGINES[args.engine],
     ]
     if args.engine == "deepspeed":
-        overrides.append(f"distributed.deepspeed_config={write_ds_config(work / 'zero3_cpu.json')}")
+        ds_config = write_ds_config(work / f"{args.ds_config.removesuffix('.json')}_cpu.json", args.ds_config)
+        overrides.append(f"distributed.deepspeed_config={ds_config}")
+        if json.loads(ds_config.read_text()).get("bf16", {}).get("enabled") is True:
+            overrides.append("train.bf16=true")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     if args.mmap_threshold:  # glibc: tensors above this size are mmapped, so freeing returns them
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -94,15 +98,17 @@ def run(args: argparse.Namespace) -> dict:
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.time()
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # a log file, not a pipe: nobody reads a pipe during the run, and once its 64 KiB buffer is
+    # full (DeepSpeed's deprecation warnings fill it) every rank blocks in its next write
+    log_path = work / f"{out.name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     samples, stopped = monitor(proc, args.budget_gib * GIB)
     peaks: dict[int, int] = {}
     for _, ranks in samples:
         for rank, rss in ranks.items():
             peaks[rank] = max(peaks.get(rank, 0), rss)
-    log_tail = proc.stdout.read()[-4000:] if proc.stdout else ""
+    log_tail = log_path.read_text(errors="replace")[-4000:]
     records = (
         [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         if (out / "metrics.jsonl").exists()
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         "reserve_p": args.p,
         "fisher_batches": args.fisher_batches,
         "dtype": args.dtype,
+        "ds_config": args.ds_config if args.engine == "deepspeed" else None,
         "mmap_threshold": args.mmap_threshold,
         "exit_code": proc.returncode,
         "fit": proc.returncode == 0 and stopped is None,
@@ -202,6 +209,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model.dtype")
+    parser.add_argument(
+        "--ds-config",
+        default="zero3.json",
+        help="ds_configs/ file for --engine deepspeed (buffers resized for CPU); zero3_bf16_masters.json: "
+        "bf16 masters and AdamW states, 8 B per parameter",
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fisher-batches", type=int, default=2)
     parser.add_argument("--budget-gib", type=float, default=21.0)

@@ -46,6 +46,10 @@ def _cfg(tmp_path: Path, ds: dict | None = None, *extra: str):
 SHIPPED = sorted(DS_CONFIGS.glob("*.json"))
 
 
+def _bf16_masters(path: Path) -> bool:
+    return json.loads(path.read_text()).get("bf16", {}).get("bf16_master_weights_and_grads") is True
+
+
 def _fixed_bf16(path: Path) -> bool:
     """A bf16 variant: the JSON says bf16.enabled=true itself instead of "auto"."""
     return json.loads(path.read_text()).get("bf16", {}).get("enabled") is True
@@ -127,6 +131,11 @@ def test_matching_explicit_values_are_accepted(tmp_path):
             ["zero_force_ds_cpu_optimizer=true", "set it to false"],
         ),
         ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, ["reduce_bucket_size"]),
+        (
+            {"bf16": {"enabled": "auto", "bf16_optimizer_states": True}},
+            ["bf16_optimizer_states=true needs bf16.bf16_master_weights_and_grads=true"],
+        ),
+        ({"bf16": {"bf16_master_weights_and_grads": True}}, ["needs bf16 training", "train.bf16=true"]),
         ({"zero_optimization": []}, ["zero_optimization must be a JSON object"]),
     ],
 )
@@ -137,6 +146,15 @@ def test_contradicting_or_unsupported_json_is_a_config_error(tmp_path, ds, words
     assert str(tmp_path / "ds.json") in str(err.value)
     for word in words:
         assert word in str(err.value)
+
+
+def test_bf16_masters_with_optimizer_offload_is_a_config_error(tmp_path):
+    ds = {
+        "bf16": {"enabled": True, "bf16_master_weights_and_grads": True},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+    }
+    with pytest.raises(ConfigError, match="needs DeepSpeed's CPU Adam.*remove the offload_optimizer"):
+        build_ds_config(_cfg(tmp_path, ds, "train.bf16=true"), world_size=2)
 
 
 def test_missing_and_malformed_json(tmp_path):
@@ -450,10 +468,13 @@ def test_every_shipped_config_trains_like_one_process(shipped, reference, tiny_b
         assert diff <= ATOL, f"max |w - w_1proc| = {diff:.3g}"
         return
     # bf16: forward/backward in bf16 cannot equal the fp32 run, but the update must point where
-    # the fp32 run's does, and (CT-D) the fp32 masters keep every non-child entry bit-identical
+    # the fp32 run's does, and (CT-D) the fp32 masters keep every non-child entry bit-identical;
+    # bf16 masters keep them at the checkpoint's bf16 values (zero.Init casts them once)
     pretrained = {k: v.float().reshape(-1) for k, v in load_file(tiny_bert / "model.safetensors").items()}
-    got = torch.cat([main["state"][k].reshape(-1) - v for k, v in pretrained.items()])
     ref = torch.cat([want[k].reshape(-1) - v for k, v in pretrained.items()])
+    if _bf16_masters(path):
+        pretrained = {k: v.bfloat16().float() for k, v in pretrained.items()}
+    got = torch.cat([main["state"][k].reshape(-1) - v for k, v in pretrained.items()])
     cosine = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
     assert cosine > 0.9, cosine
     if method == "ct-d":

@@ -31,6 +31,9 @@ Where the partitions live (private DeepSpeed state, checked against 0.19.8):
   copy in backward, before any mask. ``step()`` therefore recomputes those norms from the
   masked views (local, no collective), as DeepSpeed's own ``safe_set_local_grad`` does under
   ZeRO-3 offload, so clipping uses the masked norm. NVMe offload and fp16 are refused.
+- bf16 masters (``bf16.bf16_master_weights_and_grads``, optionally ``bf16_optimizer_states``):
+  the same views, in bf16; the model is built under ``zero.Init`` since there is no fp32 master
+  to keep exact. Not with optimizer offload (DeepSpeed then wants its own CPU Adam).
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 f"{src}: zero_force_ds_cpu_optimizer=true would reject ctscale's own AdamW under optimizer "
                 "offload; set it to false or remove it"
             )
+        if _get(ds, "bf16.bf16_master_weights_and_grads") is True:
+            raise ConfigError(
+                f"{src}: bf16.bf16_master_weights_and_grads with offload_optimizer needs DeepSpeed's CPU "
+                "Adam, which ctscale's own AdamW replaces; remove the offload_optimizer section "
+                "(bf16 masters and bf16 optimizer states already fit in 8 bytes per parameter)"
+            )
         ds["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW steps the CPU partitions
     micro = batching.micro_batch_size(t.batch_size, t.grad_accum, world_size)
     derived = {  # DeepSpeed key -> (value from ctscale, the ctscale key it comes from)
@@ -135,6 +144,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 f'{src}: {key}={given!r} contradicts {origin}={value!r}; set {key} to "auto" '
                 f"(or {value!r}) in the DeepSpeed JSON, or change {origin}"
             )
+    _check_bf16_masters(ds, src, t.bf16)
     for path in _autos(ds):
         raise ConfigError(
             f'{src}: {path}="auto" is not resolved by ctscale (only {", ".join(derived)} are); '
@@ -143,6 +153,22 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     ds.setdefault("zero_allow_untested_optimizer", True)  # the client torch AdamW
     ds.setdefault("steps_per_print", 2**31 - 1)  # ctscale logs progress itself
     return ds
+
+
+def _check_bf16_masters(ds: dict[str, Any], src: str, train_bf16: bool) -> None:
+    """bf16 master weights (and optimizer states): the low-memory ZeRO mode, 8 B per parameter
+    with AdamW. Refused where DeepSpeed would fail later or silently keep fp32 states."""
+    masters = _get(ds, "bf16.bf16_master_weights_and_grads")
+    states = _get(ds, "bf16.bf16_optimizer_states")
+    if states is True and masters is not True:
+        raise ConfigError(
+            f"{src}: bf16.bf16_optimizer_states=true needs bf16.bf16_master_weights_and_grads=true; "
+            "set both (ds_configs/zero3_bf16_masters.json) or remove bf16_optimizer_states"
+        )
+    if masters is True and not train_bf16:
+        raise ConfigError(
+            f"{src}: bf16.bf16_master_weights_and_grads=true needs bf16 training; set train.bf16=true"
+        )
 
 
 def _load_json(path: str) -> dict[str, Any]:
@@ -215,6 +241,8 @@ class DeepSpeedBackend:
         self.stage: int = self.ds_config["zero_optimization"]["stage"]
         offload = self.ds_config["zero_optimization"].get("offload_optimizer") or {}
         self._offload = offload.get("device", "none") == "cpu"
+        # bf16 masters: the bf16 partitions are the masters; there is no fp32 copy to keep exact
+        self._bf16_masters = _get(self.ds_config, "bf16.bf16_master_weights_and_grads") is True
         self._hf_ds_config = None
 
     @contextlib.contextmanager
@@ -226,12 +254,14 @@ class DeepSpeedBackend:
         alive only inside this context, so models built elsewhere in the process (a reference
         model in a test, a second run) are ordinary ones. Stages 1/2: nothing to do.
 
-        Not with bf16: ``zero.Init`` would load the checkpoint straight into bf16 partitions, so
-        the fp32 masters could no longer be exact and CT-D's non-child entries would move. A
-        bf16 ZeRO-3 model is therefore built whole (fp32, CPU) and partitioned by
-        ``deepspeed.initialize``; it must fit in one rank's host memory.
+        Not with bf16 and fp32 masters: ``zero.Init`` would load the checkpoint straight into bf16
+        partitions, so the fp32 masters could no longer be exact and CT-D's non-child entries
+        would move. Such a model is therefore built whole (fp32, CPU) and partitioned by
+        ``deepspeed.initialize``; it must fit in one rank's host memory. With bf16 masters
+        (``bf16.bf16_master_weights_and_grads``) the bf16 partitions are the masters, so
+        ``zero.Init`` loses nothing: non-child entries stay the checkpoint's bf16 values.
         """
-        if self.stage != 3 or self.ds_config["bf16"]["enabled"]:
+        if self.stage != 3 or (self.ds_config["bf16"]["enabled"] and not self._bf16_masters):
             yield
             return
         from transformers.integrations import HfDeepSpeedConfig
@@ -249,7 +279,7 @@ class DeepSpeedBackend:
         # Keep the exact fp32 weights (CPU) to restore the masters, so entries that never get a
         # gradient (CT-D non-child, weight decay 0) stay bit-identical to the checkpoint.
         exact = {}
-        if self.ds_config["bf16"]["enabled"]:
+        if self.ds_config["bf16"]["enabled"] and not self._bf16_masters:
             exact = {
                 n: p.detach().to("cpu", copy=True)
                 for n, p in model.named_parameters()
