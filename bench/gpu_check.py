@@ -110,6 +110,7 @@ def main() -> None:
         "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ctscale-gpu-check"
     )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--only", default="", help="comma list of run labels to run (default: all)")
     parser.add_argument(
         "--kernels-only", action="store_true", help="only the bit checks and the per-element kernel timings"
     )
@@ -133,7 +134,10 @@ def main() -> None:
     params = synthetic.write_decoder(model_dir, layers, hidden, inter, heads, kv)
     portability = _portability(compile_check=not args.cpu)
     results = []
-    for i, (label, method, extra) in enumerate(RUNS[:-1] if args.cpu else RUNS):  # no C++ compile on CPU
+    runs = RUNS[:-1] if args.cpu else RUNS  # no C++ compile on CPU
+    if args.only:
+        runs = [r for r in runs if r[0] in args.only.split(",")]
+    for i, (label, method, extra) in enumerate(runs):
         results.append(run_method(label, method, extra, model_dir, args.work / f"run{i}", args))
         if "error" in results[-1]:
             break  # the next methods would fail the same way: keep the GPU time for a rerun
