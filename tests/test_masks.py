@@ -108,6 +108,16 @@ def test_compiled_kernel_gives_bernoulli_mask_bits(monkeypatch):
     assert torch.equal(view.grad.float(), 2 * bernoulli_mask(1, 0, "w", 0, 20, 0.5).float())
 
 
+def test_auto_kernel_does_not_compile_on_cpu(monkeypatch):
+    def no_compile(*args):
+        raise AssertionError("auto compiled on the CPU")
+
+    monkeypatch.setattr(hashing, "_compiled_call", no_compile)
+    view = GradView("w", (10,), 0, 10, torch.ones(10))
+    RandomChildMask(0.5, seed=1).apply(view, step=0)  # kernel="auto"
+    assert torch.equal(view.grad, 2 * bernoulli_mask(1, 0, "w", 0, 10, 0.5).float())
+
+
 def test_unknown_ctf_kernel_is_refused():
     with pytest.raises(ValueError, match="CT-F kernel must be one of"):
         RandomChildMask(0.3, seed=0, kernel="triton")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
+import torch
+
 from ctscale.masks.base import GradView
 from ctscale.masks.hashing import keep_and_rescale_
 
@@ -19,7 +24,7 @@ class RandomChildMask:
     def __init__(self, reserve_p: float, seed: int, kernel: str = "auto") -> None:
         """``kernel``: "compiled" fuses hash, draw and rescale with ``torch.compile`` (Triton on
         GPU, C++ on CPU: ~4x faster than "eager", at the cost of a compilation per process);
-        "auto" compiles on accelerators only. Every kernel gives the same bits."""
+        "auto" compiles on CUDA GPUs with Triton only. Every kernel gives the same bits."""
         if kernel not in self.KERNELS:
             raise ValueError(f"CT-F kernel must be one of {self.KERNELS}, got {kernel!r}")
         self.reserve_p = reserve_p
@@ -29,10 +34,21 @@ class RandomChildMask:
     def apply(self, view: GradView, step: int) -> None:
         if view.numel == 0:
             return
-        compiled = self.kernel == "compiled" or (self.kernel == "auto" and view.grad.device.type != "cpu")
+        compiled = self.kernel == "compiled" or (self.kernel == "auto" and _triton_gpu(view.grad.device))
         # multiplying by the bool mask gives the same update as masked_fill_(~keep, 0) (-0.0
         # only differs in sign) and is ~3x faster on CPU
         keep_and_rescale_(view.grad, self.seed, step, view.name, view.start, self.reserve_p, compiled)
 
     def state_bytes(self) -> int:
         return 0
+
+
+def _triton_gpu(device: torch.device) -> bool:
+    """Whether "auto" compiles: a CUDA device with Triton installed (the bits are the same
+    either way, so elsewhere the eager kernel runs)."""
+    return device.type == "cuda" and _has_triton()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
