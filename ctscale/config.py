@@ -91,7 +91,7 @@ class MethodConfig:
     name: str = "vanilla"
     reserve_p: float = 0.3  # fraction of gradient entries kept, in (0, 1]
     mask_seed: int | None = None  # CT-F mask seed; None -> train.seed
-    ctf_kernel: str = "auto"  # CT-F: "eager", "compiled" (torch.compile), "auto" (compiled on GPUs)
+    ctf_kernel: str = "auto"  # CT-F: "eager", "compiled" (torch.compile), "auto" (compiled on CUDA + Triton)
     mask_file: str | None = None  # CT-D: use this mask instead of estimating Fisher
     child_only_optimizer: bool = False  # CT-D: AdamW state only for child entries (local, ddp, fsdp)
 

@@ -40,11 +40,6 @@ def _signed32(x: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def _xorshift_(x: torch.Tensor, bits: int) -> None:
-    """``x ^= x >>> bits`` on int32 bit patterns (torch's ``>>`` is arithmetic, so mask)."""
-    x ^= (x >> bits) & ((1 << (32 - bits)) - 1)
-
-
 def stream_key(seed: int, step: int, name: str, block: int = 0) -> int:
     """A 32-bit key (as int32) for one parameter's draws at one step."""
     text = f"{seed}\x00{step}\x00{name}\x00{block}"
