@@ -135,11 +135,23 @@ class ZeroShards:
     """
 
     def __init__(self, model: torch.nn.Module, zero: Any) -> None:
-        from ctscale.backends.deepspeed import zero_partition_grad_views
+        from ctscale.backends.deepspeed import (
+            local_flat_ranges,
+            renorm_offloaded_grads,
+            zero_partition_grad_views,
+        )
 
-        self._views = zero_partition_grad_views
+        self._views, self._ranges, self._renorm = (
+            zero_partition_grad_views,
+            local_flat_ranges,
+            renorm_offloaded_grads,
+        )
         self.model, self.zero, self.rank = model, zero, dist.rank()
         self.sharded = True
+        self.stage3 = type(zero).__name__ == "DeepSpeedZeroOptimizer_Stage3"
+        self.offloaded = bool(
+            getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)
+        )
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
@@ -153,6 +165,13 @@ class ZeroShards:
 
     def grad_views(self) -> Iterator[GradView]:
         yield from self._views(self.model, self.zero, self.rank)
+
+    def renorm_if_offloaded(self) -> None:
+        """Optimizer offload: DeepSpeed took each partition's gradient norm during the offload
+        copy, before the mask; put the masked norms in their place, so clipping sees them."""
+        if self.offloaded:
+            params = [p for _, p, _, _ in self._ranges(self.model, self.stage3, self.rank)]
+            self._renorm(self.zero, params, self.stage3)
 
 
 _ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
@@ -171,10 +190,10 @@ def _zero_optimizer(model: torch.nn.Module, optimizer: Any) -> Any | None:
             f"ChildTuningCallback supports DeepSpeed ZeRO stages 1-3, not {type(zero).__name__} "
             "(ZeRO stage 0 or a DeepSpeed optimizer); set zero_optimization.stage to 1, 2 or 3, or use DDP"
         )
-    if getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False):
+    if getattr(zero, "swap_optimizer", False) or getattr(zero, "params_in_nvme_and_cpu", False):
         raise ConfigError(
-            "ChildTuningCallback: zero_optimization.offload_optimizer is not supported (DeepSpeed "
-            "takes gradient norms during the offload copy, before a mask can apply); remove it"
+            "ChildTuningCallback: NVMe offload is not supported (the gradient partitions are on disk "
+            'when the mask would apply); use "device": "cpu" in offload_optimizer / offload_param'
         )
     return zero
 
@@ -279,6 +298,7 @@ class ChildTuningCallback(TrainerCallback):
 
         def step(*a: Any, **kw: Any) -> Any:
             self._apply(state.global_step)
+            self.shards.renorm_if_offloaded()
             return original(*a, **kw)
 
         zero.step = step

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     trainer.train()
     trainer.save_model(str(Path(args.output_dir) / "model"))
+    if trainer.is_world_process_zero():  # log_history: loss and the grad_norm clipped by, per step
+        trainer.state.save_to_json(str(Path(args.output_dir) / "trainer_state.json"))
 
 
 if __name__ == "__main__":

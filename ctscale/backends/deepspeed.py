@@ -350,19 +350,7 @@ class DeepSpeedBackend:
         self.engine.step()  # global norm of the masked partitions, clip, AdamW, scheduler
 
     def _renorm_offloaded_grads(self) -> None:
-        """Optimizer offload: DeepSpeed stored each parameter's local gradient norm during
-        backward, before the mask; replace them by the norms of the masked local partitions
-        (what ``step()`` sums into the clipping norm). Local only, no collective."""
-        opt = self.optimizer
-        for _, p, _, _ in self._ranges:
-            if self.stage == 3:  # the whole padded partition, as DeepSpeed's safe_set_local_grad
-                grad, _ = opt._get_fp32_grad_state_partition(p, release_swap_buffers=False)
-                norm = opt._constant_buffered_norm2(grad)
-            else:
-                norm = (
-                    p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).to(get_norm_dtype()).norm(2)
-                )
-            opt.norm_for_param_grads[opt.get_param_id(p)] = norm
+        renorm_offloaded_grads(self.optimizer, [p for _, p, _, _ in self._ranges], self.stage == 3)
 
     def zero_grad(self) -> None:
         """Drop this window's reduced gradients without an update, as DeepSpeed's own
@@ -533,6 +521,19 @@ def partition_grad(optimizer: Any, p: torch.nn.Parameter, stage3: bool, numel: i
         start = 0 if stage3 else p._hp_mapping.lp_fragment_address.start
         flat = flat.narrow(0, start, numel)
     return flat
+
+
+def renorm_offloaded_grads(optimizer: Any, params: list[torch.nn.Parameter], stage3: bool) -> None:
+    """Optimizer offload: DeepSpeed stored each parameter's local gradient norm during
+    backward, before the mask; replace them by the norms of the masked local partitions of
+    ``params`` (what ``step()`` sums into the clipping norm). Local only, no collective."""
+    for p in params:
+        if stage3:  # the whole padded partition, as DeepSpeed's safe_set_local_grad
+            grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
+            norm = optimizer._constant_buffered_norm2(grad)
+        else:
+            norm = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).to(get_norm_dtype()).norm(2)
+        optimizer.norm_for_param_grads[optimizer.get_param_id(p)] = norm
 
 
 def zero_partition_grad_views(
