@@ -184,7 +184,7 @@ def _portability(compile_check: bool) -> dict[str, bool]:
     from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
     from ctscale.select import select_top_k
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _accelerator()
     n = (1 << 23) + 12345  # spans chunk boundaries of both the hash and the selection
     masks_equal = all(
         torch.equal(
@@ -193,13 +193,13 @@ def _portability(compile_check: bool) -> dict[str, bool]:
         )
         for seed, step, name in ((0, 0, "a.weight"), (42, 7, "layers.3.mlp.up_proj.weight"))
     )
-    # 100 distinct values: the k-th largest sits in a block of ties, broken by flat index
     grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
     fused = {  # the CT-F kernels that train: eager chunks, and one torch.compile kernel (Triton on GPU)
         compiled: keep_and_rescale_(grad.to(device, copy=True), 42, 7, "w", 1000, 0.3, compiled).cpu()
         for compiled in ((False, True) if compile_check else (False,))
     }
     expected = grad * bernoulli_mask(42, 7, "w", 1000, 1000 + n, 0.3) * (1 / 0.3)
+    # 100 distinct values: the k-th largest sits in a block of ties, broken by flat index
     scores = torch.randint(100, (n,), generator=torch.Generator().manual_seed(0)).float() / 100
     k = int(0.3 * n)
     on_cpu = select_top_k({("w", 0): scores}, k)[("w", 0)]
@@ -221,7 +221,7 @@ def _kernel_timings(n: int = 1 << 27, repeats: int = 7) -> dict[str, float]:
 
     from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _accelerator()
     grad, param = torch.randn(n, device=device), torch.nn.Parameter(torch.randn(n, device=device))
     param.grad = grad.clone()
     opt = torch.optim.AdamW([param], lr=1e-5)
@@ -235,21 +235,10 @@ def _kernel_timings(n: int = 1 << 27, repeats: int = 7) -> dict[str, float]:
         "ct-d apply: mul_(keep)": lambda: grad.mul_(keep),
         "adamw step (torch default)": opt.step,
     }
-    out = {}
-    for name, fn in parts.items():
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            grad.normal_()  # keep values finite: the CT-F parts rescale in place
-        out[name] = round(statistics.median(times) / n * 1e9, 4)
-    return out
+    # grad.normal_ between calls keeps values finite: the CT-F parts rescale in place
+    return {
+        name: round(_median_seconds(fn, repeats, grad.normal_) / n * 1e9, 4) for name, fn in parts.items()
+    }
 
 
 def _selection_seconds(n: int = 1 << 30) -> dict[str, float]:
@@ -259,18 +248,39 @@ def _selection_seconds(n: int = 1 << 30) -> dict[str, float]:
 
     from ctscale.select import select_top_k
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pieces = {(f"p{i}", 0): torch.empty(n // 8, device=device).exponential_() for i in range(8)}
+    pieces = {(f"p{i}", 0): torch.empty(n // 8, device=_accelerator()).exponential_() for i in range(8)}
     k = int(0.3 * n)
-    times = []
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def select() -> None:
         masks = select_top_k(pieces, k)
         assert sum(int(m.sum()) for m in masks.values()) == k
+
+    return {"entries": n, "seconds": round(_median_seconds(select, 3), 3)}
+
+
+def _accelerator():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _median_seconds(fn, repeats: int, between=lambda: None) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after one untimed call, with the
+    GPU synchronised around each; ``between()`` runs untimed after each call."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    fn()
+    between()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
         times.append(time.perf_counter() - start)
-    return {"entries": n, "seconds": round(statistics.median(times[1:]), 3)}
+        between()
+    return statistics.median(times)
 
 
 def _device() -> str:

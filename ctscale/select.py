@@ -9,7 +9,8 @@ chosen; among entries equal to T, the first ones in (name, flat index) order are
 exactly k are. Ties are resolved with one all-gather of a per-piece count. Besides the output
 masks (1 B per entry), extra memory is chunk-sized temporaries and two histograms (a few MiB,
 whatever the number of scores); at world size 1 the collectives are skipped. Counts stay on the
-scores' device until a histogram is complete, so a GPU syncs with the host twice, not per chunk.
+scores' device until a histogram is complete, so a GPU syncs with the host once per histogram
+and once per piece (its tie count), not once per chunk.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _bits(scores: torch.Tensor) -> torch.Tensor:
 
 def _chunks(bits: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """(offset, view) of consecutive chunk-sized slices of a 1-D tensor."""
-    step = _CHUNK if bits.device.type == "cpu" else max(_CHUNK, _CHUNK_GPU)
+    step = _CHUNK if bits.device.type == "cpu" else _CHUNK_GPU
     for lo in range(0, bits.numel(), step):
         yield lo, bits[lo : lo + step]
 

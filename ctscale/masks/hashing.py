@@ -19,6 +19,7 @@ Both give exactly ``bernoulli_mask``'s bits (tests, and bench/gpu_check.py on a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -89,16 +90,21 @@ def bernoulli_mask(
     """
     threshold = keep_threshold(p)
     out = torch.empty(end - start, dtype=torch.bool, device=device)
+    for lo, hi, first, key in _stream_chunks(seed, step, name, start, end, _CHUNK):
+        draws = uniform_bits(key, first, first + hi - lo, device)
+        torch.lt(draws, threshold, out=out[lo - start : hi - start])
+    return out
+
+
+def _stream_chunks(seed: int, step: int, name: str, start: int, end: int, chunk: int):
+    """(lo, hi, index of lo in its 2**31-block, the block's key) for chunks of ``[start, end)``
+    that never straddle a block (the int32 indices restart in each)."""
     lo = start
     while lo < end:
         block = lo // _BLOCK
-        hi = min(lo + _CHUNK, end, (block + 1) * _BLOCK)
-        key = stream_key(seed, step, name, block)
-        base = block * _BLOCK
-        draws = uniform_bits(key, lo - base, hi - base, device)
-        torch.lt(draws, threshold, out=out[lo - start : hi - start])
+        hi = min(lo + chunk, end, (block + 1) * _BLOCK)
+        yield lo, hi, lo - block * _BLOCK, stream_key(seed, step, name, block)
         lo = hi
-    return out
 
 
 def keep_and_rescale_(
@@ -120,13 +126,8 @@ def keep_and_rescale_(
         chunk = _EAGER_CHUNK["cpu" if grad.device.type == "cpu" else "cuda"]
         size = min(chunk, grad.numel())
         scratch = tuple(torch.empty(size, dtype=torch.int32, device=grad.device) for _ in range(2))
-    lo, end = start, start + grad.numel()
-    while lo < end:
-        block = lo // _BLOCK
-        hi = min(lo + chunk, end, (block + 1) * _BLOCK)
-        key = stream_key(seed, step, name, block)
-        kernel(grad[lo - start : hi - start], lo - block * _BLOCK, key, bound, 1.0 / p, scratch)
-        lo = hi
+    for lo, hi, first, key in _stream_chunks(seed, step, name, start, start + grad.numel(), chunk):
+        kernel(grad[lo - start : hi - start], first, key, bound, 1.0 / p, scratch)
     return grad
 
 
@@ -134,6 +135,8 @@ def _eager_kernel(g: torch.Tensor, first: int, key: int, bound: int, scale: floa
     x, tmp = (buf[: g.numel()] for buf in scratch)
     torch.arange(first, first + g.numel(), dtype=torch.int32, device=g.device, out=x)
     keep = torch.lt(_fmix_(x, key, tmp).bitwise_xor_(_SIGN), bound)
+    # multiplying by the bool mask gives the same update as masked_fill_(~keep, 0) (-0.0 only
+    # differs in sign) and is ~3x faster on CPU
     g.mul_(keep).mul_(scale)
 
 
@@ -156,12 +159,7 @@ def _fused(g: torch.Tensor, first: torch.Tensor, key: torch.Tensor, bound: torch
     g.mul_((x ^ _SIGN) < bound).mul_(scale)
 
 
-_COMPILED = None
-
-
+@functools.cache
 def _compiled_kernel():
     """``_fused`` compiled once per process (dynamic shapes: one graph for every chunk size)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_fused, dynamic=True)
-    return _COMPILED
+    return torch.compile(_fused, dynamic=True)
