@@ -127,3 +127,9 @@ def world(tiny_bert, glue_dir, tmp_path_factory):
         return cache[(row, size)]
 
     return get
+
+
+def pytest_collection_modifyitems(items):
+    from dist_harness import rerun_once_on_crash
+
+    rerun_once_on_crash(items)
