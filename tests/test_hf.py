@@ -266,7 +266,7 @@ def test_shipped_accelerate_configs_load():
     assert (ddp.distributed_type, ddp.num_processes) == ("MULTI_GPU", 2)
     assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
     assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    for name, stage in (("zero2", 2), ("zero3", 3), ("zero2_offload", 2)):
+    for name, stage in (("zero2", 2), ("zero3", 3), ("zero2_offload", 2), ("zero3_offload", 3)):
         cfg = load_config_from_file(str(ACCEL / f"deepspeed_{name}.yaml"))
         assert cfg.distributed_type == "DEEPSPEED"
         ds = REPO / cfg.deepspeed_config["deepspeed_config_file"]
@@ -276,19 +276,20 @@ def test_shipped_accelerate_configs_load():
 
 
 @pytest.mark.slow
-def test_zero2_offload_clips_by_the_masked_norm(tiny_bert, glue_dir, tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_offload_clips_by_the_masked_norm(stage, tiny_bert, glue_dir, tmp_path):
     """Under optimizer offload DeepSpeed takes the gradient norms before the mask; the callback
     replaces them, so the norm DeepSpeed clips by (the Trainer's logged grad_norm) is the masked
     one, as without offload. Without the replacement, CT-F's would be smaller by ~sqrt(p)."""
     ctf_clipped = ("--method", "ct-f", "--max-grad-norm", "1e-3")  # below every step's norm
     norms = {}
-    for name, how in (("zero2", "deepspeed_zero2.yaml"), ("offload", "deepspeed_zero2_offload.yaml")):
+    for name in (stage, f"{stage}_offload"):
         out = tmp_path / name
-        launch(accelerate(how, example_args(tiny_bert, glue_dir, out, *ctf_clipped)))
+        launch(accelerate(f"deepspeed_{name}.yaml", example_args(tiny_bert, glue_dir, out, *ctf_clipped)))
         history = store_json(out / "trainer_state.json")["log_history"]
         norms[name] = [h["grad_norm"] for h in history if "grad_norm" in h]
-    assert len(norms["zero2"]) == 4 and min(norms["zero2"]) > 1e-3  # clipping acted every step
-    assert norms["offload"] == pytest.approx(norms["zero2"], rel=1e-5)
+    assert len(norms[stage]) == 4 and min(norms[stage]) > 1e-3  # clipping acted every step
+    assert norms[f"{stage}_offload"] == pytest.approx(norms[stage], rel=1e-5)
 
 
 def store_json(path: Path) -> dict:
