@@ -8,7 +8,9 @@ Qwen2-shaped decoder with random weights (``bench/synthetic.py``: tokenizer and 
 the spot), ``ds_configs/zero3.json`` with ``train.bf16=true``: vanilla, CT-D, CT-F with its
 eager kernel and CT-F with its ``torch.compile`` kernel (not in the CPU dry run). Reports the
 median step time (first steps dropped), the ratio to vanilla, the peak GPU memory, and CT-D's
-Fisher/selection time. First, it checks that CT-F masks, both CT-F kernels and the top-k
+Fisher/selection time. ``--repeats N`` runs N rounds, each starting at the next method, and
+reports each round's ratios; ``--profile`` adds per-phase host and GPU times (torch.profiler,
+``train.profile_from``) from 2 extra steps per run of round 0. First, it checks that CT-F masks, both CT-F kernels and the top-k
 selection give on this device the same bits as on the CPU.
 """
 
@@ -42,7 +44,12 @@ RUNS = [
 ]
 
 
-def run_method(label: str, method: str, extra: list[str], model_dir: Path, out: Path, args) -> dict:
+def run_method(
+    label: str, method: str, extra: list[str], model_dir: Path, out: Path, args, profile: bool
+) -> dict:
+    """One ``ctscale train`` run. With ``profile``, 2 more steps run under torch.profiler after
+    the timed ones (not timed: the profiler slows them)."""
+    steps = args.steps + (2 if profile else 0)
     overrides = [
         f"model.name_or_path={model_dir}",
         "model.random_init=true",
@@ -51,7 +58,7 @@ def run_method(label: str, method: str, extra: list[str], model_dir: Path, out: 
         f"data.max_length={args.seq}",
         f"train.output_dir={out}",
         f"train.batch_size={args.batch * args.gpus}",
-        f"train.max_steps={args.steps}",
+        f"train.max_steps={steps}",
         "train.epochs=1000",  # max_steps decides; 64 examples make few steps per epoch
         "train.log_every=1",
         "train.bf16=true",
@@ -65,6 +72,7 @@ def run_method(label: str, method: str, extra: list[str], model_dir: Path, out: 
         "method.reserve_p=0.3",
         "fisher.num_batches=4",
         *extra,
+        *([f"train.profile_from={args.steps}"] if profile else []),
     ]
     cmd = [
         sys.executable,
@@ -82,9 +90,10 @@ def run_method(label: str, method: str, extra: list[str], model_dir: Path, out: 
     if proc.returncode != 0:
         return {"method": label, "error": (proc.stdout + proc.stderr)[-3000:]}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["event"] == "train"]
+    train = [r for r in records if r["event"] == "train" and r["step"] <= args.steps]
     ready = next(r for r in records if r["event"] == "mask_ready")
     times = [b["time"] - a["time"] for a, b in zip(train, train[1:])][args.warmup :]
+    profiled = next((r for r in records if r["event"] == "profile"), None)
     return {
         "method": label,
         "median_step_s": statistics.median(times),
@@ -95,7 +104,57 @@ def run_method(label: str, method: str, extra: list[str], model_dir: Path, out: 
         "select_s": ready.get("select_seconds"),
         "final_loss": train[-1]["loss"],
         "wall_s": round(time.time() - started, 1),
+        **({"phases_ms_per_step": profiled["phases_ms_per_step"]} if profiled else {}),
     }
+
+
+def run_rounds(runs: list[tuple], model_dir: Path, args) -> list[dict]:
+    """Every method once per round; round r starts at the r-th method, so that no method always
+    runs first. The profile (``--profile``) is taken in round 0 only. Stops at the first failure
+    (the next runs would fail the same way: keep the GPU time for a rerun)."""
+    rows = []
+    for r in range(args.repeats):
+        shift = r % len(runs)
+        for label, method, extra in runs[shift:] + runs[:shift]:
+            out = args.work / f"round{r}-{label.replace(' ', '_').strip('()')}"
+            rows.append(
+                {
+                    "round": r,
+                    **run_method(label, method, extra, model_dir, out, args, args.profile and r == 0),
+                }
+            )
+            if "error" in rows[-1]:
+                return rows
+    return rows
+
+
+def summarize(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Per method: the median over rounds of its median step, and its ratio to vanilla's median
+    step of the same round (each round's ratio, and their median)."""
+    vanilla = {r["round"]: r["median_step_s"] for r in rows if r["method"] == "vanilla" and "error" not in r}
+    results = []
+    for label in labels:
+        mine = [r for r in rows if r["method"] == label]
+        if not mine:
+            continue
+        if any("error" in r for r in mine):
+            results.append(next(r for r in mine if "error" in r))
+            continue
+        first = mine[0]
+        ratios = [round(r["median_step_s"] / vanilla[r["round"]], 3) for r in mine if r["round"] in vanilla]
+        results.append(
+            {
+                **{k: v for k, v in first.items() if k not in ("round", "median_step_s")},
+                "median_step_s": statistics.median(r["median_step_s"] for r in mine),
+                "rounds": len(mine),
+                **(
+                    {"ratio_vs_vanilla": statistics.median(ratios), "ratios_by_round": ratios}
+                    if ratios
+                    else {}
+                ),
+            }
+        )
+    return results
 
 
 def main() -> None:
@@ -111,6 +170,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--only", default="", help="comma list of run labels to run (default: all)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of all methods, each round starting at the next method"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="round 0: 2 more steps per run under torch.profiler (phase times)",
+    )
     parser.add_argument(
         "--kernels-only", action="store_true", help="only the bit checks and the per-element kernel timings"
     )
@@ -133,24 +200,18 @@ def main() -> None:
     model_dir = args.work / "model"
     params = synthetic.write_decoder(model_dir, layers, hidden, inter, heads, kv)
     portability = _portability(compile_check=not args.cpu)
-    results = []
     runs = RUNS[:-1] if args.cpu else RUNS  # no C++ compile on CPU
     if args.only:
         runs = [r for r in runs if r[0] in args.only.split(",")]
-    for i, (label, method, extra) in enumerate(runs):
-        results.append(run_method(label, method, extra, model_dir, args.work / f"run{i}", args))
-        if "error" in results[-1]:
-            break  # the next methods would fail the same way: keep the GPU time for a rerun
-    base = results[0].get("median_step_s")
-    for r in results:
-        if base and "median_step_s" in r:
-            r["ratio_vs_vanilla"] = round(r["median_step_s"] / base, 3)
+    rows = run_rounds(runs, model_dir, args)
+    results = summarize(rows, [label for label, _, _ in runs])
     summary = {
         "machine": platform.node(),
         "device": _device(),
         "parameters": params,
         "portability": portability,
         "results": results,
+        "runs": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
@@ -167,6 +228,23 @@ def main() -> None:
             f"| {r['method']} | {r['median_step_s']:.3f} | {r.get('ratio_vs_vanilla', float('nan')):.3f} | "
             f"{r['max_gpu_mem_gib']} | {r['mask_setup_s']} | {r['fisher_s']} / {r['select_s']} |"
         )
+    if args.repeats > 1:
+        print("ratios to vanilla by round:", {r["method"]: r.get("ratios_by_round") for r in results})
+    profiled = [r for r in results if "phases_ms_per_step" in r]
+    if profiled:
+        print(
+            "\n| method | forward+backward host / GPU ms | mask host / GPU ms | optimizer step host / GPU ms |"
+        )
+        print("|---|---:|---:|---:|")
+        for r in profiled:
+            cells = [
+                r["phases_ms_per_step"].get(p, {}) for p in ("forward_backward", "mask", "optimizer_step")
+            ]
+            print(
+                f"| {r['method']} | "
+                + " | ".join(f"{c.get('host_ms')} / {c.get('gpu_ms')}" for c in cells)
+                + " |"
+            )
     for check, same in portability.items():
         print(f"{check}: {'identical' if same else 'DIFFERENT'}")
     if any("error" in r for r in results) or not all(portability.values()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ctscale import dist
@@ -27,10 +28,15 @@ from ctscale.errors import CtscaleError
 STATE_FILE = "trainer_state.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temp)`` next to ``path``, then ``os.replace``: readers never see a torn file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    replace_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 class CheckpointManager:

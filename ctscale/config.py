@@ -82,6 +82,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     tensorboard: bool = True  # scalars under output_dir/tensorboard (rank 0)
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    profile_from: int | None = None  # first optimizer step under torch.profiler; None: off
+    profile_steps: int = 2  # steps profiled from profile_from; files in output_dir/profile/
 
 
 @dataclass
@@ -390,7 +392,8 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
     ("null or >= 1", lambda v: v is None or v >= 1, ("data.max_train_samples", "data.max_eval_samples")),
     ("null or >= 1", lambda v: v is None or v >= 1, ("train.max_steps", "fisher.num_batches")),
     ("null or >= 1", lambda v: v is None or v >= 1, ("fisher.batch_size",)),
-    ("null or >= 0", lambda v: v is None or v >= 0, ("method.mask_seed",)),
+    ("null or >= 0", lambda v: v is None or v >= 0, ("method.mask_seed", "train.profile_from")),
+    (">= 1", lambda v: v >= 1, ("train.profile_steps",)),
     ("in [0, 1)", lambda v: 0 <= v < 1, ("train.warmup_ratio",)),
     ("in (0, 1]", lambda v: 0 < v <= 1, ("method.reserve_p",)),
     ("null or one of 0, 1, 2, 3", lambda v: v is None or 0 <= v <= 3, ("distributed.zero_stage",)),

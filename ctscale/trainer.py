@@ -29,6 +29,7 @@ from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator
 from ctscale.masks import MaskStrategy
 from ctscale.models import load_tokenizer
+from ctscale.profiling import StepProfiler, phase
 from ctscale.tasks import load_task_data
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -83,6 +84,7 @@ class Trainer:
                 f"batch (train.batch_size={cfg.train.batch_size})"
             )
         self.total_steps = cfg.train.max_steps or self.steps_per_epoch * cfg.train.epochs
+        self.profiler = self.step_profiler()  # a bad window fails before the model loads
         torch.manual_seed(cfg.train.seed)  # a classifier head's (or a random model's) initialisation
         with self.backend.model_init_context():  # ZeRO-3: built already partitioned
             model = self.data.load_model(cfg.model)
@@ -201,7 +203,10 @@ class Trainer:
         self.backend.train_mode(True)
         for step in range(start_step, self.total_steps):
             lr = self.backend.lr()
+            self.profiler.step_begins(step)
             loss = self.train_step(step, strategy)
+            if profiled := self.profiler.step_ends(step):
+                self.log({"event": "profile", **profiled})
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
                 self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr, **_gpu_memory()})
@@ -219,16 +224,30 @@ class Trainer:
         bar.close()
         return metrics
 
+    def step_profiler(self) -> StepProfiler:
+        """``train.profile_from``/``profile_steps``: a window that must end by the last step."""
+        t = self.cfg.train
+        if t.profile_from is not None and t.profile_from + t.profile_steps > self.total_steps:
+            raise ConfigError(
+                f"train.profile_from={t.profile_from} with train.profile_steps={t.profile_steps} "
+                f"ends after the run's last step ({self.total_steps} steps); profile steps below "
+                f"{self.total_steps} or train for more steps"
+            )
+        return StepProfiler(t.profile_from, t.profile_steps, self.out / "profile", self.backend.rank)
+
     def train_step(self, step: int, strategy: MaskStrategy) -> float:
         """One optimizer step: micro-batches, mask on local shards, clip + AdamW. Mean local loss."""
         cfg = self.cfg
         micro = list(self.micro_batches(step, cfg.train.batch_size, cfg.train.grad_accum))
-        losses = [
-            self.backend.forward_backward(mb, boundary=m == len(micro) - 1) for m, mb in enumerate(micro)
-        ]
-        for view in self.backend.grad_views():
-            strategy.apply(view, step)
-        self.backend.step()
+        with phase("forward_backward"):
+            losses = [
+                self.backend.forward_backward(mb, boundary=m == len(micro) - 1) for m, mb in enumerate(micro)
+            ]
+        with phase("mask"):
+            for view in self.backend.grad_views():
+                strategy.apply(view, step)
+        with phase("optimizer_step"):
+            self.backend.step()
         return sum(losses) / len(losses)
 
     def evaluate(self, step: int) -> dict:

@@ -137,6 +137,12 @@ CASES = [
     ("bad-override-syntax", lambda c: ["--set", "train.lr"], ["train.lr", "="]),
     ("bad-regex", lambda c: ["--set", "fisher.candidates=['layer(']"], ["fisher.candidates", "layer("]),
     ("batch-not-divisible", lambda c: ["--set", "train.batch_size=13"], ["batch_size", "13"]),
+    ("profile-zero-steps", lambda c: ["--set", "train.profile_steps=0"], ["train.profile_steps", ">= 1"]),
+    (
+        "profile-past-last-step",
+        lambda c: ["--set", "train.profile_from=3"],  # 2 steps from step 3 of a 4-step run
+        ["train.profile_from=3", "4 steps"],
+    ),
     (
         "ds-batch-contradiction",
         lambda c: _ds_json(c, {"train_batch_size": 32, "zero_optimization": {"stage": 2}}),
