@@ -110,11 +110,9 @@ class ChildAdamW(torch.optim.Optimizer):
     Parameters may be DTensors (FSDP2): only their local shard is read or written.
     State (per parameter, local): ``step``; fp32 ``exp_avg``, ``exp_avg_sq`` of length
     ``len(index)`` (candidates) or the local numel (others); fp32 ``master`` when the parameter is
-    bf16/fp16. ``state_dict()`` holds tensors only, but they are this rank's packed buffers: a
-    checkpoint must keep one per rank and reload it with the same mask and sharding.
+    bf16/fp16. ``state_dict()`` holds this rank's packed buffers: sharded backends save them
+    with ``ctscale.child_state`` (global offsets, loadable at any world size).
     """
-
-    rank_local_state = True  # backends: save state_dict() per rank, not as DTensor shards
 
     def __init__(
         self,

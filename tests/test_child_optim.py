@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ctscale.child_optim import ChildAdamW, ChildMask, optimizer_state_bytes
+from ctscale.child_state import load_child_state, save_child_state
 from ctscale.config import load_config
 from ctscale.errors import ConfigError, CtscaleError
 from ctscale.masks.base import GradView
@@ -161,6 +162,38 @@ def test_config_allows_it_for_ctd_only_and_not_with_deepspeed():
             ["method.name=ct-d", "method.child_only_optimizer=true", "distributed.backend=deepspeed"]
             + ["distributed.zero_stage=3"],
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_child_state_files_round_trip_exactly(dtype, tmp_path):
+    """``ctscale.child_state`` (the FSDP2 checkpoint format) at world size 1: the reloaded
+    state continues bit for bit, masters included; another child network is refused."""
+    model = _model(dtype)
+    optimizer, child = _child_setup(model)
+    _train(model, optimizer, child, range(2))
+    save_child_state(optimizer, tmp_path)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, optimizer, child, range(2, 4))
+
+    resumed = _model(dtype)
+    resumed.load_state_dict(weights)
+    optimizer2, child2 = _child_setup(resumed)
+    load_child_state(optimizer2, tmp_path)
+    assert optimizer2.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    _train(resumed, optimizer2, child2, range(2, 4))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert all(
+        torch.equal(optimizer.state[a]["exp_avg_sq"], optimizer2.state[b]["exp_avg_sq"])
+        for a, b in zip(model.parameters(), resumed.parameters())
+    )
+
+    other, _ = _child_setup(_model(dtype), p=0.5)
+    with pytest.raises(CtscaleError, match="another mask"):
+        load_child_state(other, tmp_path)
+    (tmp_path / "child-optim-00000.safetensors").unlink()
+    with pytest.raises(CtscaleError, match="incomplete"):
+        load_child_state(optimizer2, tmp_path)
 
 
 # -- two ranks, through the trainer ---------------------------------------------------------------

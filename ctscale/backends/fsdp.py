@@ -45,7 +45,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
-from ctscale.errors import CtscaleError
+from ctscale.child_optim import ChildAdamW
+from ctscale.child_state import load_child_state, save_child_state
 from ctscale.masks.base import GradView
 
 log = logging.getLogger(__name__)
@@ -215,12 +216,11 @@ class FSDPBackend:
     def save_checkpoint(self, path: Path) -> None:
         """Sharded model + optimizer via torch.distributed.checkpoint (each rank writes its own
         shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG.
-        An optimizer with ``rank_local_state`` (child-only AdamW: packed buffers, no DTensor
-        layout for DCP to reshard) is saved per rank and reloads at the same world size only."""
-        if getattr(self.optimizer, "rank_local_state", False):
+        Child-only AdamW's packed buffers have no DTensor layout for DCP; ``ctscale.child_state``
+        saves them with their global offsets, which also load at any world size."""
+        if isinstance(self.optimizer, ChildAdamW):
             dcp.save({"model": get_model_state_dict(self.model)}, checkpoint_id=str(path / "dcp"))
-            state = {"world_size": self.world_size, "optimizer": self.optimizer.state_dict()}
-            torch.save(state, path / f"optimizer-{self.rank:05d}.pt")
+            save_child_state(self.optimizer, path)
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / "dcp"))
@@ -229,8 +229,11 @@ class FSDPBackend:
         torch.save({"cpu": torch.get_rng_state()}, path / f"rng-{self.rank:05d}.pt")
 
     def load_checkpoint(self, path: Path) -> None:
-        if getattr(self.optimizer, "rank_local_state", False):
-            self._load_rank_local(path)
+        if isinstance(self.optimizer, ChildAdamW):
+            model_state = get_model_state_dict(self.model)
+            dcp.load({"model": model_state}, checkpoint_id=str(path / "dcp"))
+            set_model_state_dict(self.model, model_state)
+            load_child_state(self.optimizer, path)
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optimizer": optim_state}
@@ -246,18 +249,3 @@ class FSDPBackend:
         rng = path / f"rng-{self.rank:05d}.pt"
         if rng.is_file():  # absent when resuming at a larger world size
             torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
-
-    def _load_rank_local(self, path: Path) -> None:
-        """Model via DCP (any world size); optimizer from this rank's own file (same world size)."""
-        model_state = get_model_state_dict(self.model)
-        dcp.load({"model": model_state}, checkpoint_id=str(path / "dcp"))
-        set_model_state_dict(self.model, model_state)
-        file = path / f"optimizer-{self.rank:05d}.pt"
-        saved = torch.load(file, weights_only=True) if file.is_file() else {}
-        if saved.get("world_size") != self.world_size:
-            raise CtscaleError(
-                f"{path} holds no child-only optimizer state for rank {self.rank} of {self.world_size}: "
-                "it was written at another world size or with method.child_only_optimizer=false; "
-                "resume with the world size and settings it was written with"
-            )
-        self.optimizer.load_state_dict(saved["optimizer"])
