@@ -111,7 +111,7 @@ class ChildAdamW(torch.optim.Optimizer):
     State (per parameter, local): ``step``; fp32 ``exp_avg``, ``exp_avg_sq`` of length
     ``len(index)`` (candidates) or the local numel (others); fp32 ``master`` when the parameter is
     bf16/fp16. ``state_dict()`` holds this rank's packed buffers: sharded backends save them
-    with ``ctscale.child_state`` (global offsets, loadable at any world size).
+    with ``ctscale.backends.child_state`` (global offsets, loadable at any world size).
     """
 
     def __init__(

@@ -45,8 +45,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.backends.child_state import load_child_state, save_child_state
 from ctscale.child_optim import ChildAdamW
-from ctscale.child_state import load_child_state, save_child_state
 from ctscale.masks.base import GradView
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,8 @@ class FSDPBackend:
     def save_checkpoint(self, path: Path) -> None:
         """Sharded model + optimizer via torch.distributed.checkpoint (each rank writes its own
         shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG.
-        Child-only AdamW's packed buffers have no DTensor layout for DCP; ``ctscale.child_state``
-        saves them with their global offsets, which also load at any world size."""
+        Child-only AdamW's packed buffers have no DTensor layout for DCP; ``child_state`` saves
+        them with their global offsets, which also load at any world size."""
         if isinstance(self.optimizer, ChildAdamW):
             dcp.save({"model": get_model_state_dict(self.model)}, checkpoint_id=str(path / "dcp"))
             save_child_state(self.optimizer, path)
