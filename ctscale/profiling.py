@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ctscale.checkpoint import replace_atomic
@@ -70,7 +71,12 @@ class StepProfiler:
 
 def _phase_ms(prof: profile, steps: int) -> dict[str, dict[str, float]]:
     """Host and GPU milliseconds per step of each ctscale phase range."""
-    found = {e.key: e for e in prof.key_averages() if e.key.startswith("ctscale/")}
+    # the CPU-side ranges: on CUDA the GPU timeline has same-named annotation events of its own
+    found = {
+        e.key: e
+        for e in prof.key_averages()
+        if e.key.startswith("ctscale/") and e.device_type == DeviceType.CPU
+    }
     out = {}
     for name in PHASES:
         event = found.get(f"ctscale/{name}")
