@@ -33,7 +33,7 @@ from ctscale.masks.base import GradView
 from ctscale.masks.fisher_d import FixedChildMask
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's storage of ``t`` (the shard of a DTensor; ``t`` itself otherwise)."""
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -41,7 +41,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of this rank's optimizer state tensors (local shards only)."""
     tensors = (t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-    return sum(_local(t).numel() * t.element_size() for t in tensors)
+    return sum(local_shard(t).numel() * t.element_size() for t in tensors)
 
 
 class ChildMask:
@@ -128,15 +128,16 @@ class ChildAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["params"] and "param_names" not in group:
                 raise TypeError("ChildAdamW needs (name, parameter) pairs: the child mask is keyed by name")
-        for name, p in self._named():
+        for name, p in self.named_params():
             piece = child.pieces.get(name)
-            if piece is not None and piece[1] != _local(p).numel():
+            if piece is not None and piece[1] != local_shard(p).numel():
                 raise MaskError(
                     f"the child network of {name} has {piece[1]} local entries, the parameter "
-                    f"{_local(p).numel()} on this rank; rebuild it from the mask file"
+                    f"{local_shard(p).numel()} on this rank; rebuild it from the mask file"
                 )
 
-    def _named(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(canonical name, parameter) in the optimizer's index order."""
         for group in self.param_groups:
             yield from zip(group.get("param_names", []), group["params"])
 
@@ -149,14 +150,14 @@ class ChildAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for name, p in zip(group.get("param_names", []), group["params"]):
                 if p.grad is not None:  # as torch's AdamW: no gradient, no step (and no decay)
-                    self._update(p, self.child.index(name, _local(p).device), group)
+                    self._update(p, self.child.index(name, local_shard(p).device), group)
         return loss
 
     def _update(self, p: torch.Tensor, idx: torch.Tensor | None, group: dict) -> None:
         """One AdamW step of this rank's piece of ``p``; ``idx``: child positions or None (all)."""
         lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
-        w = _local(p).view(-1)  # a view: writes land in the parameter (shard)
-        grad = _local(p.grad).view(-1)
+        w = local_shard(p).view(-1)  # a view: writes land in the parameter (shard)
+        grad = local_shard(p.grad).view(-1)
         state = self.state[p]
         if not state:
             n = w.numel() if idx is None else idx.numel()
@@ -193,16 +194,16 @@ class ChildAdamW(torch.optim.Optimizer):
         sizes are checked against this rank's child network."""
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})  # groups: lr, betas, decay, names
-        named = list(self._named())
+        named = list(self.named_params())
         for i, s in saved.items():
             name, p = named[int(i)]
             idx = self.child.index(name)
-            n = _local(p).numel() if idx is None else idx.numel()
+            n = local_shard(p).numel() if idx is None else idx.numel()
             if s["exp_avg"].numel() != n:
                 raise CtscaleError(
                     f"child-only AdamW state of {name} holds {s['exp_avg'].numel()} entries, this "
                     f"rank's piece of the child network {n}: the checkpoint was written with another "
                     "mask or sharding; resume with the same mask and world size"
                 )
-            device = _local(p).device
+            device = local_shard(p).device
             self.state[p] = {k: v if k == "step" else v.to(device) for k, v in s.items()}

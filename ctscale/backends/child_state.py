@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctscale import dist
-from ctscale.child_optim import ChildAdamW, _local
+from ctscale.child_optim import ChildAdamW, local_shard
 from ctscale.errors import CtscaleError
 
 FORMAT = "ctscale-child-adamw/1"
@@ -49,7 +49,7 @@ def _offsets(lengths: list[int]) -> tuple[list[int], list[int]]:
 
 def save_child_state(optimizer: ChildAdamW, path: Path) -> None:
     """Collective: every rank writes its pieces; rank 0 the groups and step counts."""
-    named = list(optimizer._named())
+    named = list(optimizer.named_params())
     states = [optimizer.state.get(p, {}) for _, p in named]
     lengths = [s["exp_avg"].numel() if s else 0 for s in states]
     starts, _ = _offsets(lengths)
@@ -82,7 +82,7 @@ def load_child_state(optimizer: ChildAdamW, path: Path) -> None:
         )
     saved = torch.load(path / GROUPS, weights_only=True)
     headers = _read_headers(path)
-    named = list(optimizer._named())
+    named = list(optimizer.named_params())
     names = [name for name, _ in named]
     if headers[0]["names"] != names:
         raise CtscaleError(
@@ -110,7 +110,7 @@ def load_child_state(optimizer: ChildAdamW, path: Path) -> None:
             state = {"step": saved["steps"][i].clone()}
             for kind in ("exp_avg", "exp_avg_sq", "master"):
                 if f"{i}.{kind}" in stored:
-                    state[kind] = _join(headers, files, f"{i}.{kind}", i, lo, hi).to(_local(p).device)
+                    state[kind] = _join(headers, files, f"{i}.{kind}", i, lo, hi).to(local_shard(p).device)
             optimizer.state[p] = state
 
 
@@ -127,7 +127,7 @@ def _join(headers: list[dict], files: list, key: str, i: int, lo: int, hi: int) 
 
 def _piece_length(optimizer: ChildAdamW, name: str, p: torch.Tensor) -> int:
     idx = optimizer.child.index(name)
-    return _local(p).numel() if idx is None else idx.numel()
+    return local_shard(p).numel() if idx is None else idx.numel()
 
 
 def _read_headers(path: Path) -> list[dict]:
