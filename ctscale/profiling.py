@@ -59,7 +59,7 @@ class StepProfiler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"trace-rank{self.rank:05d}.json"
         replace_atomic(trace, lambda tmp: prof.export_chrome_trace(str(tmp)))
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=40)
         replace_atomic(self.out_dir / f"ops-rank{self.rank:05d}.txt", lambda tmp: tmp.write_text(table))
         return {
