@@ -141,6 +141,11 @@ class ChildAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             yield from zip(group.get("param_names", []), group["params"])
 
+    def piece_length(self, name: str, p: torch.Tensor) -> int:
+        """Entries of ``p``'s state on this rank: its child entries (candidates) or its local numel."""
+        idx = self.child.index(name)
+        return local_shard(p).numel() if idx is None else idx.numel()
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 (torch's signature)
         loss = None
@@ -197,8 +202,7 @@ class ChildAdamW(torch.optim.Optimizer):
         named = list(self.named_params())
         for i, s in saved.items():
             name, p = named[int(i)]
-            idx = self.child.index(name)
-            n = local_shard(p).numel() if idx is None else idx.numel()
+            n = self.piece_length(name, p)
             if s["exp_avg"].numel() != n:
                 raise CtscaleError(
                     f"child-only AdamW state of {name} holds {s['exp_avg'].numel()} entries, this "

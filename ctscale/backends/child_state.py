@@ -89,7 +89,7 @@ def load_child_state(optimizer: ChildAdamW, path: Path) -> None:
             f"{path}: the child-only optimizer state names other parameters than this model's; "
             "resume with the model and settings the checkpoint was written with"
         )
-    lengths = [_piece_length(optimizer, name, p) for name, p in named]
+    lengths = [optimizer.piece_length(name, p) for name, p in named]
     starts, totals = _offsets(lengths)
     saved_totals = [sum(h["lengths"][i] for h in headers) for i in range(len(names))]
     for i, name in enumerate(names):
@@ -123,11 +123,6 @@ def _join(headers: list[dict], files: list, key: str, i: int, lo: int, hi: int) 
         if a < b:
             parts.append(f.get_slice(key)[a - start : b - start])
     return torch.cat(parts)
-
-
-def _piece_length(optimizer: ChildAdamW, name: str, p: torch.Tensor) -> int:
-    idx = optimizer.child.index(name)
-    return local_shard(p).numel() if idx is None else idx.numel()
 
 
 def _read_headers(path: Path) -> list[dict]:
