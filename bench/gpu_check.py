@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def run_rounds(runs: list[tuple], model_dir: Path, args) -> list[dict]:
     for r in range(args.repeats):
         shift = r % len(runs)
         for label, method, extra in runs[shift:] + runs[:shift]:
-            out = args.work / f"round{r}-{label.replace(' ', '_').strip('()')}"
+            out = args.work / f"round{r}-{re.sub(r'[^a-z0-9]+', '-', label).strip('-')}"  # ct-f-eager-kernel
             rows.append(
                 {
                     "round": r,
