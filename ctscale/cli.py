@@ -22,28 +22,34 @@ from ctscale.errors import CtscaleError
 
 
 def _run_config(args: argparse.Namespace):
+    """The resolved config, checked by the engine too: before the trainer (transformers, the
+    engine, a process group) is imported or started, so a bad config fails in about a second."""
+    from ctscale.backends import check_config
     from ctscale.config import load_config
 
     overrides = list(args.set or [])
     if getattr(args, "mask", None):
         overrides += [f"method.mask_file={args.mask}", "method.name=ct-d"]
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    check_config(cfg)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
     from ctscale.trainer import Trainer
 
-    metrics = Trainer(_run_config(args)).run()
+    metrics = Trainer(cfg).run()
     if dist.is_main():
         print(json.dumps({"final": metrics}))
     return 0
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
     from ctscale.child import default_mask_path, estimate_and_save_mask
     from ctscale.trainer import Trainer
 
-    cfg = _run_config(args)
     trainer = Trainer(cfg)
     trainer.prepare()
     out = Path(args.out) if args.out else default_mask_path(cfg.train.output_dir)

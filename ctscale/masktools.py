@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ctscale import store
-from ctscale.errors import MaskError
+from ctscale.errors import CtscaleError, MaskError
 from ctscale.store import MaskInfo
 
 # The integer after the first `layer.` / `layers.` / `h.` / `block(s).` component is the layer index.
@@ -217,8 +217,13 @@ def plot_density(info: MaskInfo, png_path: str | Path) -> list[list[float]]:
 
     Agg canvas (no pyplot, no global backend switch); written atomically (temp file + replace).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:  # an optional extra: the rest of ctscale needs no plotting
+        raise CtscaleError(
+            'ctscale mask plot needs matplotlib, which is not installed; pip install "ctscale[plot]"'
+        ) from None
 
     table = density_table(info)
     matrix = density_matrix(table)

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+REAL_GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
 
 
 def write_tiny_bert(path: Path, seed: int = 0, hidden: int = 32) -> Path:
@@ -61,10 +61,22 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def glue_dir() -> Path:
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
-    return GLUE_DIR
+def glue_dir(tmp_path_factory) -> Path:
+    """Synthetic GLUE in the original layouts (tests/glue_data.py): runs in a plain clone."""
+    from glue_data import write_glue
+
+    return write_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def real_glue_dir() -> Path:
+    """The real GLUE copy beside the repo, for tests about the real files or real accuracy."""
+    if not REAL_GLUE_DIR.is_dir():
+        pytest.skip(
+            f"needs the real GLUE data at {REAL_GLUE_DIR} (the ../shared copy beside the repo); "
+            "everything else runs on synthetic GLUE-layout data"
+        )
+    return REAL_GLUE_DIR
 
 
 # -- the distributed matrix: one row per backend, shared by test_distributed and test_resume ----
@@ -133,3 +145,6 @@ def pytest_collection_modifyitems(items):
     from dist_harness import rerun_once_on_crash
 
     rerun_once_on_crash(items)
+    for item in items:  # every test is either slow or unit: `-m unit` is the inner loop
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)

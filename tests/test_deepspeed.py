@@ -25,7 +25,8 @@ from dist_harness import run_world
 from dist_workers import tiny_overrides
 
 pytest.importorskip("deepspeed")
-from ctscale.backends.deepspeed import DeepSpeedBackend, build_ds_config  # noqa: E402
+from ctscale.backends.deepspeed import DeepSpeedBackend  # noqa: E402
+from ctscale.backends.ds_config import build_ds_config  # noqa: E402
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 LR = 1e-2

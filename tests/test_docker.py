@@ -4,7 +4,7 @@ The Dockerfiles are parsed here (line continuations, comments, exec and shell fo
 substitution), the compose file with PyYAML, and every path, command, pin and environment
 variable they name is compared with the repository: the files COPYed exist and are not
 .dockerignored, the base images and pip requirements are pinned, torch's pin is the README's,
-the CUDA image's pins are the versions installed where these tests run, the entry commands
+every install is held to constraints.txt (the tested versions), the entry commands
 exist and parse with ctscale's own CLI, the user is not root, the CPU image is what .ci/run
 does, and the multi-node examples (compose and docker/README.md) are consistent.
 """
@@ -42,6 +42,14 @@ CUDA, CPU = DOCKER / "Dockerfile.cuda", DOCKER / "Dockerfile.cpu"
 COMPOSE = DOCKER / "compose.multinode.yaml"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 BUILD_TOOLS = {"pip", "setuptools", "wheel"}  # pinned, but not part of the tested environment
+LOCK_FILE = "constraints.txt"
+
+
+def lock_versions() -> dict[str, str]:
+    """name -> version of constraints.txt, the versions the suite is tested with."""
+    lines = (REPO / LOCK_FILE).read_text().splitlines()
+    reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {canonicalize_name(r.name): next(iter(r.specifier)).version for r in reqs}
 
 
 # --- a Dockerfile parser -----------------------------------------------------------------------
@@ -441,25 +449,38 @@ def test_dockerignore_keeps_local_state_out():
         assert not dockerignored(rel), rel
 
 
-def test_every_pip_requirement_is_pinned(image):
+def _is_torch_from_its_index(p: PipInstall) -> bool:
+    return "--index-url" in p.options and [Requirement(r).name for r in p.requirements] == ["torch"]
+
+
+def test_every_install_is_held_to_the_lock_file(image):
+    """Each pip install but torch's own (from the PyTorch index, pinned below) runs with
+    ``-c constraints.txt``, the file that the image COPYs from the repo: the image gets the
+    versions CI tested, transitive ones included."""
     installs = list(image.pip_installs())
     assert installs, image.path.name
+    lock = lock_versions()
     for p in installs:
-        assert not ({"-r", "--requirement", "-c", "--constraint"} & p.options.keys()), p
+        assert not ({"-r", "--requirement"} & p.options.keys()), p
         for local in p.local:
             assert re.fullmatch(r"\.(\[[\w,-]+\])?", local), f"{image.path.name}: local install {local}"
-        for req in p.requirements:
-            specs = list(Requirement(req).specifier)
-            assert len(specs) == 1 and specs[0].operator == "==" and "*" not in specs[0].version, (
-                f"{image.path.name}: pip install {req}: pin it with =="
+        if _is_torch_from_its_index(p):
+            continue
+        (constraint,) = p.options.get("-c", []) + p.options.get("--constraint", [])
+        assert image.in_repo(constraint) == REPO / LOCK_FILE, (
+            f"{image.path.name}: pip install {p.requirements}: -c {constraint} is not the repo's {LOCK_FILE}"
+        )
+        for req in map(Requirement, p.requirements):
+            name = canonicalize_name(req.name)
+            assert name in lock or name in BUILD_TOOLS, (
+                f"{image.path.name}: {req.name} is not in {LOCK_FILE}; add it to pyproject.toml and run .ci/lock"
             )
-            Version(specs[0].version)  # a concrete version once the ARG defaults are substituted
 
 
-def test_torch_pin_is_the_readme_and_ci_pin(image):
+def test_torch_pin_is_the_readme_ci_and_lock_pin(image):
     readme_pin = re.search(r"torch==([\w.]+)", readme_test_command())[1]
     assert f"torch=={readme_pin}" in (REPO / ".ci" / "run").read_text()
-    assert image.pins()["torch"] == readme_pin
+    assert image.pins()["torch"] == readme_pin == lock_versions()["torch"]
     (torch_install,) = [p for p in image.pip_installs() if p.options.get("--index-url")]
     assert [Requirement(r).name for r in torch_install.requirements] == ["torch"], (
         "only torch comes from the PyTorch index"
@@ -467,14 +488,16 @@ def test_torch_pin_is_the_readme_and_ci_pin(image):
     assert torch_install.options["--index-url"] == [image.args["TORCH_INDEX_URL"]]
 
 
-def test_pins_are_the_versions_the_tests_run_with(image):
+def test_pins_are_the_lock_file_versions(image):
+    """An explicit ``==`` in a Dockerfile says the same as constraints.txt (not what happens to
+    be installed where the tests run: a new release on PyPI must not fail this test)."""
+    lock = lock_versions()
     for name, pin in image.pins().items():
         if name in BUILD_TOOLS:
             continue
-        have = installed_version(name)
-        assert have is not None and Version(have).public == pin, (
-            f"{image.path.name} pins {name}=={pin}, the tests run with {have}: "
-            "update the pin (an ARG default or the literal) to the tested version"
+        assert lock.get(name) == pin, (
+            f"{image.path.name} pins {name}=={pin}, {LOCK_FILE} has {lock.get(name)}: "
+            "drop the pin (the lock file decides) or make them equal"
         )
 
 
@@ -532,21 +555,31 @@ def test_runs_as_a_non_root_user_created_in_the_image(image):
 # --- the CUDA image ----------------------------------------------------------------------------
 
 
-def test_cuda_image_pins_every_dependency_for_its_python(cuda):
+def test_cuda_image_installs_every_dependency_at_a_locked_version_for_its_python(cuda):
     py = cuda.python()
     environment = {"python_version": py, "python_full_version": f"{py}.0", "platform_system": "Linux"}
     environment |= {"sys_platform": "linux", "platform_machine": "x86_64", "os_name": "posix"}
-    pins = cuda.pins()
+    lock = lock_versions()
+    installed_by_name = {
+        canonicalize_name(Requirement(r).name) for p in cuda.pip_installs() for r in p.requirements
+    }
     assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(py)
     for req in map(Requirement, PYPROJECT["project"]["dependencies"]):
         if req.marker and not Marker(str(req.marker)).evaluate(environment):
             continue
         name = canonicalize_name(req.name)
-        assert name in pins, f"Dockerfile.cuda installs ctscale --no-deps: pin {req.name} too"
-        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
-    for name in set(pins) - BUILD_TOOLS:  # each pinned release supports the image's Python
+        assert name in installed_by_name, f"Dockerfile.cuda installs ctscale --no-deps: install {req.name} too"
+        assert req.specifier.contains(lock[name], prereleases=True), (req, lock[name])
+    for name in installed_by_name - BUILD_TOOLS:  # each locked release supports the image's Python
+        # Requires-Python is read from the installed distribution, which is the locked one where
+        # the suite runs as CI runs it (installed with -c constraints.txt)
+        have = installed_version(name)
+        assert have is not None and Version(have).public == lock[name], (
+            f"{name}: installed {have}, {LOCK_FILE} has {lock[name]}; install with -c {LOCK_FILE} "
+            "(the README's test command) to check the lock's releases"
+        )
         requires = importlib.metadata.metadata(name).get("Requires-Python") or ""
-        assert SpecifierSet(requires).contains(py), f"{name}=={pins[name]} needs Python {requires}"
+        assert SpecifierSet(requires).contains(py), f"{name}=={lock[name]} needs Python {requires}"
     # ctscale itself goes in without resolving anything
     (own,) = [p for p in cuda.pip_installs() if p.local]
     assert own.local == ["."] and "--no-deps" in own.flags and not own.requirements
@@ -594,6 +627,7 @@ def test_cpu_image_installs_what_the_readme_test_command_installs(cpu):
             p for p in ours if sorted(canonicalize_name(Requirement(r).name) for r in p.requirements) == names
         ]
         match = [p for p in match if p.local == theirs.local and theirs.flags <= p.flags]
+        match = [p for p in match if p.options.get("-c") == theirs.options.get("-c")]
         assert match, f"Dockerfile.cpu does not run the README's `pip install {theirs}`"
         for req in map(Requirement, theirs.requirements):
             if req.specifier:

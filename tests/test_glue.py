@@ -18,26 +18,7 @@ from ctscale.tasks import (
     tokenize,
 )
 
-# The shared GLUE copy next to the repo (read-only; never copied into the repo).
-REAL_GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
-
-MNLI_TRAIN_HEADER = [
-    *("index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse"),
-    *("sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"),
-]
-MNLI_DEV_HEADER = MNLI_TRAIN_HEADER[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
-STSB_HEADER = [
-    *("index", "genre", "filename", "year", "old_index", "source1", "source2"),
-    *("sentence1", "sentence2", "score"),
-]
-
-
-def write_tsv(path: Path, rows: list[list[str]], bom: bool = False) -> Path:
-    """Write rows as a GLUE-style TSV (no quoting) and return the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join("\t".join(r) + "\n" for r in rows)
-    path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
-    return path
+from glue_data import MNLI_DEV_HEADER, MNLI_TRAIN_HEADER, STSB_HEADER, TASK_DIRS, write_glue, write_tsv
 
 
 def mnli_rows(i: int, s1: str, s2: str, gold: str, dev: bool) -> list[str]:
@@ -286,6 +267,22 @@ def test_qqp_skips_few_malformed_rows_but_not_many(tmp_path):
         load_glue_split("qqp", "dev", tmp_path)
 
 
+@pytest.mark.parametrize("task", sorted(GLUE_TASKS))
+def test_synthetic_glue_has_every_layout_and_split(tmp_path, task):
+    """The tests' own GLUE (tests/glue_data.py) parses like the real files, every split."""
+    root = write_glue(tmp_path, n_train=20, n_dev=6)
+    assert sorted(p.name for p in root.iterdir()) == sorted(TASK_DIRS)
+    t = get_task(task)
+    train = load_glue_split(task, "train", root)
+    assert len(train) == 20
+    for split in t.eval_splits:
+        assert len(load_glue_split(task, split, root)) == 6
+    if t.is_regression:
+        assert all(0.0 <= y <= 5.0 for y in train.labels)
+    else:  # both classes (all three for MNLI) occur, so a classifier has something to learn
+        assert set(train.labels) == set(range(t.num_labels))
+
+
 # --- real data (read-only shared copy) ----------------------------------------
 
 # MRPC train: the shared README (and GLUE) say 3,668 rows, but the shared train.tsv
@@ -298,23 +295,23 @@ REAL_COUNTS = [
 ]
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="shared GLUE data not present")
+@pytest.mark.slow  # reads ../shared: not in the unit set, which runs in a plain clone
 @pytest.mark.parametrize(("task", "n_train", "n_dev"), REAL_COUNTS)
-def test_real_glue_row_counts(task, n_train, n_dev):
-    assert len(load_glue_split(task, "train", REAL_GLUE)) == n_train
-    assert len(load_glue_split(task, "validation", REAL_GLUE)) == n_dev
+def test_real_glue_row_counts(real_glue_dir, task, n_train, n_dev):
+    assert len(load_glue_split(task, "train", real_glue_dir)) == n_train
+    assert len(load_glue_split(task, "validation", real_glue_dir)) == n_dev
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason="shared GLUE data not present")
-def test_real_glue_contents():
-    rte = load_glue_split("rte", "dev", REAL_GLUE)
+@pytest.mark.slow  # reads ../shared
+def test_real_glue_contents(real_glue_dir):
+    rte = load_glue_split("rte", "dev", real_glue_dir)
     assert rte.text_b[0] == "Christopher Reeve had an accident."
     assert rte.labels[0] == 1  # not_entailment
     assert rte.labels.count(0) == 146  # entailment rows in RTE dev
-    mrpc = load_glue_split("mrpc", "dev", REAL_GLUE)  # header starts with a BOM
+    mrpc = load_glue_split("mrpc", "dev", real_glue_dir)  # header starts with a BOM
     assert mrpc.labels.count(1) == 279
     assert mrpc.text_b[0].startswith('" The foodservice pie business')  # quote kept verbatim
-    sst = load_glue_split("sst2", "dev", REAL_GLUE)
+    sst = load_glue_split("sst2", "dev", real_glue_dir)
     assert sst.text_a[0] == "it 's a charming and often affecting journey ."
     assert sst.text_b is None and sst.labels.count(1) == 444
 
@@ -399,7 +396,8 @@ def test_default_glue_dir(tmp_path, monkeypatch):
     # A missing $CTSCALE_GLUE_DIR falls through to the paths next to cwd and the repo.
     monkeypatch.setenv("CTSCALE_GLUE_DIR", str(tmp_path / "missing"))
     monkeypatch.chdir(tmp_path)
-    expected = REAL_GLUE.resolve() if REAL_GLUE.is_dir() else None
+    beside_repo = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
+    expected = beside_repo.resolve() if beside_repo.is_dir() else None
     assert default_glue_dir() == expected
 
 

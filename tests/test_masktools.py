@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -321,3 +322,16 @@ def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["mask", "plot", str(bert_mask(tmp_path / "bert.safetensors")), "--out", str(png)]) == 0
     assert f"wrote {png}: density of 3 layer(s) x 8 module type(s)" in capsys.readouterr().out
     assert matplotlib.image.imread(png).shape == (320, 880, 4)
+
+
+def test_cli_plot_without_matplotlib_names_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # import of a None entry fails like a missing package
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "density.png"
+    assert main(["mask", "plot", str(bert_mask(tmp_path / "bert.safetensors")), "--out", str(png)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and 'pip install "ctscale[plot]"' in err and "matplotlib" in err
+    assert not png.exists()

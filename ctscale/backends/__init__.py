@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from ctscale import dist
 from ctscale.backends.base import Backend
 from ctscale.config import Config
 
 
+def check_config(cfg: Config) -> None:
+    """The engine's own checks of ``cfg`` that need no engine: a bad DeepSpeed JSON fails here,
+    in about a second, before any process group, ``import deepspeed`` or model load."""
+    if cfg.distributed.backend == "deepspeed":
+        from ctscale.backends.ds_config import build_ds_config
+
+        build_ds_config(cfg, dist.env_world_size())
+
+
 def build_backend(cfg: Config) -> Backend:
     """The backend ``cfg.distributed.backend`` names; imports DeepSpeed only when asked for."""
+    check_config(cfg)
     name = cfg.distributed.backend
     common = dict(grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm, bf16=cfg.train.bf16)
     if name in ("local", "ddp"):
