@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,19 @@ def test_bad_input_fails_clearly_and_changes_nothing(
     for word in words:
         assert word in message[0], f"{word!r} not in {message[0]!r}"
     assert _digest(previous_run) == before, "a bad run changed a previous run's files"
+
+
+def test_a_bad_deepspeed_config_fails_before_any_engine_or_model(tmp_path):
+    """Checked in a fresh interpreter: the error comes before deepspeed or transformers are
+    imported, so before any process group, DeepSpeed op build or model load (about a second)."""
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    argv = ["train", "--set", "distributed.backend=deepspeed", "--set", f"distributed.deepspeed_config={bad}"]
+    probe = (
+        "import sys, torch.distributed as d; from ctscale.cli import main; "
+        f"code = main({argv!r}); "
+        "print(code, 'deepspeed' in sys.modules, 'transformers' in sys.modules, d.is_initialized())"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.split() == ["2", "False", "False", "False"], out.stdout + out.stderr[-2000:]
+    assert "ZeRO stage 7 is not supported" in out.stderr
