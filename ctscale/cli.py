@@ -161,6 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     except CtscaleError as err:
         print(f"ctscale: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not dist.lost_peer(err):
+            raise
+        first = str(err).strip().splitlines()[0][:300]
+        print(
+            f"ctscale: error: rank {dist.rank()} lost another rank in a collective ({first}); a rank or "
+            "its host died and this job cannot go on. With MAX_RESTARTS > 0 (launch/torchrun.sh) the "
+            "launcher restarts it, and train.resume=true continues from the newest checkpoint",
+            file=sys.stderr,
+        )
+        return 3
     dist.shutdown()
     return code
 

@@ -133,6 +133,15 @@ def _restart_store():
     return dist.PrefixStore(f"ctscale/attempt_{restart}", store)
 
 
+# What gloo and NCCL say when the other end of a collective is gone (killed, host lost).
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "communicator was aborted")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank (or its host) died."""
+    return is_distributed() and isinstance(err, RuntimeError) and any(m in str(err) for m in _LOST_PEER)
+
+
 def shutdown() -> None:
     """Leave the process group cleanly (avoids aborts at interpreter exit)."""
     if is_distributed():

@@ -3,6 +3,7 @@ status, no traceback, and leaves every file of a previous run in the same direct
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -266,3 +267,28 @@ def test_a_bad_deepspeed_config_fails_before_any_engine_or_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.split() == ["2", "False", "False", "False"], out.stdout + out.stderr[-2000:]
     assert "ZeRO stage 7 is not supported" in out.stderr
+
+
+def test_a_lost_peer_is_one_line_and_other_runtime_errors_are_not_hidden(monkeypatch, capsys):
+    import ctscale.cli as cli
+
+    monkeypatch.setattr(cli.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(cli.dist, "rank", lambda: 0)
+    monkeypatch.setattr(cli.dist, "shutdown", lambda: None)
+    gloo = "[pair.cc:537] Read error [10.0.0.2]:40630: Connection reset by peer. This is typically..."
+
+    def fail(message):
+        def command(args):
+            raise RuntimeError(message)
+
+        return command
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(func=fail(gloo)))
+    assert cli.main([]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ctscale: error: rank 0 lost another rank") and "MAX_RESTARTS" in err
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(func=fail("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([])

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# A small real cluster on one Linux machine, for trying every launcher by hand and for the
+# multi-node tests: N "nodes", each a network namespace with its own address on a bridge, its
+# own hostname (nodeI), and an sshd that accepts a key generated for the cluster, so that
+# `ssh node1` and `pdsh -w node[0-1] hostname` work from any node as on a cluster. Needs root,
+# iproute2, util-linux (unshare), openssh-server and pdsh (apt-get install openssh-server pdsh).
+#
+#   launch/local_cluster.sh up 2           # node0 (10.213.0.10), node1 (10.213.0.11)
+#   launch/local_cluster.sh shell node0    # a shell on node0: ssh node1, pdsh -w node[0-1] ...
+#   launch/local_cluster.sh exec node1 CMD # run CMD on node1 (its network, hostname, /etc)
+#   launch/local_cluster.sh kill node1     # kill every process of node1, as if the host died
+#   launch/local_cluster.sh status         # nodes, addresses, sshd alive or not
+#   launch/local_cluster.sh down           # remove namespaces, interfaces, daemons, files
+#
+# Inside a node the network interface is eth0 (gloo: GLOO_SOCKET_IFNAME=eth0), the repository
+# and every file are the same as on the host (one filesystem), and /etc/hosts names every node.
+# Environment: CTSCALE_CLUSTER (ctscale) prefixes every name, so two clusters can coexist;
+# CTSCALE_CLUSTER_NET (10.213.0) is the /24 the nodes live on (x.10, x.11, ...; the bridge x.1).
+# Traffic stays inside these namespaces: nothing is routed to any other network.
+set -euo pipefail
+
+PREFIX=${CTSCALE_CLUSTER:-ctscale}
+NET=${CTSCALE_CLUSTER_NET:-10.213.0}
+STATE=/run/${PREFIX}-cluster          # keys, sshd configs, node list
+BRIDGE=${PREFIX:0:8}br0
+
+die() { echo "local_cluster: $*" >&2; exit 1; }
+ns() { echo "${PREFIX}-$1"; }                    # node name -> namespace name
+nodes() { cat "$STATE/nodes" 2>/dev/null || true; }
+
+need() {
+  [[ $(id -u) == 0 ]] || die "needs root (network namespaces)"
+  for tool in ip unshare ssh-keygen /usr/sbin/sshd pdsh; do
+    command -v "$tool" > /dev/null || die "$tool not found; apt-get install iproute2 util-linux openssh-server pdsh"
+  done
+}
+
+# Run a command on a node: its network namespace (with /etc/netns/NS/* over /etc, as
+# `ip netns exec` does) and a UTS namespace of its own, so `hostname` is the node's name.
+on_node() {
+  local node=$1; shift
+  ip netns exec "$(ns "$node")" unshare --uts -- sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
+}
+
+up() {
+  local n=${1:-2}
+  [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || die "up N: N must be 1..64, got '$n'"
+  need
+  [[ -e $STATE/nodes ]] && die "a cluster '$PREFIX' is up already; run: $0 down"
+  mkdir -p "$STATE" /run/sshd
+  ssh-keygen -q -t ed25519 -N "" -C "$PREFIX-cluster" -f "$STATE/id_ed25519"
+  cp "$STATE/id_ed25519.pub" "$STATE/authorized_keys"
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$NET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  local hosts="127.0.0.1 localhost"$'\n'
+  for ((i = 0; i < n; i++)); do hosts+="$NET.$((10 + i)) node$i"$'\n'; done
+  for ((i = 0; i < n; i++)); do
+    local node=node$i name; name=$(ns "node$i")
+    echo "$node" >> "$STATE/nodes"
+    ip netns add "$name"
+    ip link add "${PREFIX:0:8}v$i" type veth peer name eth0 netns "$name"
+    ip link set "${PREFIX:0:8}v$i" master "$BRIDGE" up
+    ip -n "$name" addr add "$NET.$((10 + i))/24" dev eth0
+    ip -n "$name" link set eth0 up
+    ip -n "$name" link set lo up
+    # files `ip netns exec` mounts over /etc inside the node: names and an ssh client config
+    mkdir -p "/etc/netns/$name/ssh"
+    printf '%s' "$hosts" > "/etc/netns/$name/hosts"
+    echo "$node" > "/etc/netns/$name/hostname"
+    cat > "/etc/netns/$name/ssh/ssh_config" <<EOF
+Host *
+  User root
+  IdentityFile $STATE/id_ed25519
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+  ConnectTimeout 5
+  BatchMode yes
+EOF
+    mkdir -p "$STATE/$node"
+    ssh-keygen -q -t ed25519 -N "" -f "$STATE/$node/host_key"
+    cat > "$STATE/$node/sshd_config" <<EOF
+ListenAddress $NET.$((10 + i))
+HostKey $STATE/$node/host_key
+PidFile $STATE/$node/sshd.pid
+AuthorizedKeysFile $STATE/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+AcceptEnv LANG LC_*
+EOF
+    on_node "$node" /usr/sbin/sshd -f "$STATE/$node/sshd_config"
+  done
+  # every sshd answers before `up` returns (bounded: 10 s)
+  for node in $(nodes); do
+    for _ in $(seq 50); do
+      on_node node0 ssh "$node" true 2> /dev/null && continue 2
+      sleep 0.2
+    done
+    die "sshd on $node does not answer; see: $0 status"
+  done
+  status
+}
+
+down() {
+  for node in $(nodes); do kill_node "$node"; done
+  for name in $(ip netns list | awk '{print $1}' | grep "^$PREFIX-node" || true); do
+    ip netns pids "$name" 2> /dev/null | xargs -r kill -9 2> /dev/null || true
+    ip netns del "$name" 2> /dev/null || true
+    rm -rf "/etc/netns/$name"
+  done
+  ip link del "$BRIDGE" 2> /dev/null || true
+  rm -rf "$STATE"
+}
+
+# Every process of the node dies at once (kill -9), sshd included: a lost host.
+kill_node() {
+  local name; name=$(ns "$1")
+  ip netns pids "$name" 2> /dev/null | xargs -r kill -9 2> /dev/null || true
+}
+
+status() {
+  [[ -e $STATE/nodes ]] || { echo "no cluster '$PREFIX' is up"; return 0; }
+  for node in $(nodes); do
+    local name pids; name=$(ns "$node")
+    pids=$(ip netns pids "$name" 2> /dev/null | wc -l)
+    addr=$(ip -n "$name" -4 -o addr show eth0 2> /dev/null | awk '{print $4}')
+    sshd=down; [[ -s $STATE/$node/sshd.pid ]] && kill -0 "$(cat "$STATE/$node/sshd.pid")" 2> /dev/null && sshd=up
+    echo "$node $addr sshd=$sshd processes=$pids namespace=$name"
+  done
+}
+
+case "${1:-}" in
+  up) up "${2:-2}" ;;
+  down) down ;;
+  status) status ;;
+  exec) [[ $# -ge 3 ]] || die "usage: $0 exec NODE CMD..."; node=$2; shift 2; on_node "$node" "$@" ;;
+  shell) on_node "${2:-node0}" bash -i ;;
+  kill) [[ $# -ge 2 ]] || die "usage: $0 kill NODE"; kill_node "$2" ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2 ;;
+esac
