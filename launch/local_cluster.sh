@@ -3,9 +3,12 @@
 # multi-node tests: N "nodes", each a network namespace with its own address on a bridge, its
 # own hostname (nodeI), and an sshd that accepts a key generated for the cluster, so that
 # `ssh node1` and `pdsh -w node[0-1] hostname` work from any node as on a cluster. Needs root,
-# iproute2, util-linux (unshare), openssh-server and pdsh (apt-get install openssh-server pdsh).
+# iproute2, util-linux (unshare), openssh-server and pdsh (apt-get install openssh-server pdsh);
+# --slurm also slurm-wlm and munge.
 #
 #   launch/local_cluster.sh up 2           # node0 (10.213.0.10), node1 (10.213.0.11)
+#   launch/local_cluster.sh up 2 --slurm   # the same, plus munge, slurmctld (node0), slurmd (each):
+#                                          # exec node0 sbatch/srun/sinfo work as on a Slurm cluster
 #   launch/local_cluster.sh shell node0    # a shell on node0: ssh node1, pdsh -w node[0-1] ...
 #   launch/local_cluster.sh exec node1 CMD # run CMD on node1 (its network, hostname, /etc)
 #   launch/local_cluster.sh kill node1     # kill every process of node1, as if the host died
@@ -44,6 +47,7 @@ on_node() {
 
 up() {
   local n=${1:-2}
+  [[ -z ${2:-} || $2 == --slurm ]] || die "up N [--slurm]: unknown option '$2'"
   [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || die "up N: N must be 1..64, got '$n'"
   need
   [[ -e $STATE/nodes ]] && die "a cluster '$PREFIX' is up already; run: $0 down"
@@ -95,6 +99,7 @@ AcceptEnv LANG LC_*
 EOF
     on_node "$node" /usr/sbin/sshd -f "$STATE/$node/sshd_config"
   done
+  [[ ${2:-} == --slurm ]] && slurm "$n"
   # every sshd answers before `up` returns (bounded: 10 s)
   for node in $(nodes); do
     for _ in $(seq 50); do
@@ -104,6 +109,71 @@ EOF
     die "sshd on $node does not answer; see: $0 status"
   done
   status
+}
+
+# A Slurm cluster on the nodes: munged (one, on node0; its socket is a file every node sees),
+# slurmctld on node0, slurmd on every node. Each node's /etc/slurm is this cluster's config
+# (`ip netns exec` mounts /etc/netns/NS/slurm over it). slurmd wants cgroups, which the fresh
+# /sys of a network namespace lacks: they are mounted again inside the node's own mount
+# namespace only (the same hierarchies; nothing changes outside the node).
+slurm() {
+  local n=$1 cpus; cpus=$(nproc)
+  for tool in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged; do
+    [[ -x $tool ]] || die "$tool not found; apt-get install slurm-wlm munge"
+  done
+  local munge=$STATE/munge conf=$STATE/slurm
+  mkdir -p "$munge" "$conf/ctld"
+  dd if=/dev/urandom bs=1 count=1024 of="$munge/munge.key" status=none
+  chown -R munge:munge "$munge"
+  chmod 755 "$munge" && chmod 400 "$munge/munge.key"
+  on_node node0 runuser -u munge -- /usr/sbin/munged --socket="$munge/munge.sock" \
+    --key-file="$munge/munge.key" --pid-file="$munge/munged.pid" --log-file="$munge/munged.log" \
+    --seed-file="$munge/munged.seed"
+  {
+    echo "ClusterName=$PREFIX"
+    echo "SlurmctldHost=node0($NET.10)"
+    echo "SlurmUser=root"
+    echo "AuthType=auth/munge"
+    echo "AuthInfo=socket=$munge/munge.sock"
+    echo "CryptoType=crypto/munge"
+    echo "MpiDefault=none"
+    echo "ProctrackType=proctrack/linuxproc"
+    echo "TaskPlugin=task/none"
+    echo "SelectType=select/cons_tres"
+    echo "SelectTypeParameters=CR_CPU"
+    echo "ReturnToService=2"
+    echo "StateSaveLocation=$conf/ctld"
+    echo "SlurmdSpoolDir=$conf/%n"
+    echo "SlurmctldPidFile=$conf/slurmctld.pid"
+    echo "SlurmdPidFile=$conf/slurmd-%n.pid"
+    echo "SlurmctldLogFile=$conf/slurmctld.log"
+    echo "SlurmdLogFile=$conf/slurmd-%n.log"
+    echo "AccountingStorageType=accounting_storage/none"
+    echo "JobCompType=jobcomp/none"
+    echo "JobAcctGatherType=jobacct_gather/none"
+    echo "KillWait=5"
+    for ((i = 0; i < n; i++)); do echo "NodeName=node$i NodeAddr=$NET.$((10 + i)) CPUs=$cpus State=UNKNOWN"; done
+    echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE"
+  } > "$conf/slurm.conf"
+  for node in $(nodes); do
+    mkdir -p "/etc/netns/$(ns "$node")/slurm"
+    cp "$conf/slurm.conf" "/etc/netns/$(ns "$node")/slurm/slurm.conf"
+  done
+  on_node node0 /usr/sbin/slurmctld || die "slurmctld did not start; see $conf/slurmctld.log"
+  local cgroups='mount -t tmpfs cgroup_root /sys/fs/cgroup
+    for s in cpu cpuacct cpuset memory devices freezer blkio pids none,name=systemd; do
+      mkdir -p /sys/fs/cgroup/${s#none,name=} && mount -t cgroup -o $s cgroup /sys/fs/cgroup/${s#none,name=}
+    done
+    exec /usr/sbin/slurmd'
+  for node in $(nodes); do
+    on_node "$node" sh -c "$cgroups" || die "slurmd on $node did not start; see $conf/slurmd-$node.log"
+  done
+  # every node idle before `up` returns (bounded: 30 s)
+  for _ in $(seq 60); do
+    [[ $(on_node node0 sinfo -h -o %T 2> /dev/null | sort -u) == idle ]] && return 0
+    sleep 0.5
+  done
+  die "slurm nodes did not become idle; see $conf/*.log"
 }
 
 down() {
@@ -132,10 +202,11 @@ status() {
     sshd=down; [[ -s $STATE/$node/sshd.pid ]] && kill -0 "$(cat "$STATE/$node/sshd.pid")" 2> /dev/null && sshd=up
     echo "$node $addr sshd=$sshd processes=$pids namespace=$name"
   done
+  if [[ -e $STATE/slurm/slurm.conf ]]; then on_node node0 sinfo -h -o "slurm: %D node(s) %T"; fi
 }
 
 case "${1:-}" in
-  up) up "${2:-2}" ;;
+  up) up "${2:-2}" "${3:-}" ;;
   down) down ;;
   status) status ;;
   exec) [[ $# -ge 3 ]] || die "usage: $0 exec NODE CMD..."; node=$2; shift 2; on_node "$node" "$@" ;;

@@ -56,6 +56,10 @@ def _why_no_namespaces() -> str | None:
     return None if made.returncode == 0 else f"ip netns add failed: {made.stderr.strip()}"
 
 
+def _has_slurm() -> bool:
+    return all(Path(f"/usr/sbin/{d}").is_file() for d in ("slurmctld", "slurmd", "munged"))
+
+
 def _env(**extra: str) -> dict[str, str]:
     """The test's environment (its venv first on PATH) plus the cluster's settings."""
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
@@ -74,7 +78,7 @@ def cluster():
     if reason:
         pytest.skip(f"MULTI-NODE TESTS SKIPPED: network namespaces cannot be made here ({reason})")
     cluster_cmd("down")
-    up = cluster_cmd("up", "2")
+    up = cluster_cmd("up", "2", *(["--slurm"] if _has_slurm() else []))
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield
@@ -154,9 +158,12 @@ def test_down_leaves_no_namespace_interface_daemon_or_file():
     if reason:
         pytest.skip(f"MULTI-NODE TESTS SKIPPED: network namespaces cannot be made here ({reason})")
     env = _env(CTSCALE_CLUSTER="cttdown", CTSCALE_CLUSTER_NET="10.215.0")
-    run = lambda *a: subprocess.run(
-        ["bash", str(CLUSTER), *a], env=env, capture_output=True, text=True, timeout=60
-    )  # noqa: E731
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(CLUSTER), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
     try:
         up = run("up", "1")
         assert up.returncode == 0 and "node0 10.215.0.10/24 sshd=up" in up.stdout, up.stdout + up.stderr
@@ -282,6 +289,28 @@ def test_deepspeed_launcher_reaches_the_other_node_over_pdsh(
     (out,) = finish([proc], 600)
     assert proc.returncode == 0, out[-4000:]
     assert "node1: " in out and "pdsh" in out  # node1's rank ran, started over pdsh
+    assert "export HF_HUB_OFFLINE=1;" in out and "export GLOO_SOCKET_IFNAME=eth0;" in out  # forwarded
+    check_against_one_process(run_dir, one_process_mask, minilm, glue_dir, tmp_path)
+
+
+def test_sbatch_runs_the_slurm_template_on_two_slurm_nodes(
+    cluster, minilm, glue_dir, one_process_mask, tmp_path
+):
+    """A real slurmctld and a slurmd per node: `sbatch launch/slurm.sbatch` from node0 runs one
+    torchrun per node (srun), the nodes meet at the job's first host."""
+    if not _has_slurm():
+        pytest.skip("SLURM TEST SKIPPED: slurm-wlm and munge are not installed (.ci/run installs them)")
+    run_dir = tmp_path / "run"
+    overrides = minilm_ctd(minilm, glue_dir, run_dir) + BACKENDS["fsdp"]
+    args = [a for o in overrides for a in ("--set", o)]
+    log = tmp_path / "slurm-%j.out"
+    sbatch = ["sbatch", "--wait", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}"]
+    proc = on_node("node0", [*sbatch, str(REPO / "launch" / "slurm.sbatch"), *args], **NODE_ENV, NPROC="1")
+    (out,) = finish([proc], 600)
+    job_logs = sorted(tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, out + "".join(p.read_text()[-3000:] for p in job_logs)
+    assert len(job_logs) == 1 and '{"final"' in job_logs[0].read_text()
+    assert len(list((run_dir / "mask").glob("mask-*-of-00002.safetensors"))) == 2  # two ranks, one per node
     check_against_one_process(run_dir, one_process_mask, minilm, glue_dir, tmp_path)
 
 
