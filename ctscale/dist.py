@@ -1,6 +1,6 @@
 """The one small module that talks to torch.distributed.
 
-World size 1 is the same code path with every collective skipped (house rule 2).
+World size 1 is the same code path with every collective skipped (house rule 2, CONTRIBUTING.md).
 """
 
 from __future__ import annotations

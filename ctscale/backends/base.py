@@ -1,6 +1,6 @@
 """What the trainer needs from an engine. Backends decide where gradients live and when.
 
-Protocol, not a base class: backends share no implementation (house rule 3).
+Protocol, not a base class: backends share no implementation (house rule 3, CONTRIBUTING.md).
 """
 
 from __future__ import annotations

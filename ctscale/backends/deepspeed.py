@@ -63,7 +63,7 @@ _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_st
 def _init_distributed() -> torch.device:
     """Join the launcher's process group (gloo on CPU, nccl on CUDA); one process without one."""
     if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        # python -m ctscale without a launcher: world size 1, same code path (house rule 2)
+        # python -m ctscale without a launcher: world size 1, same code path (house rule 2, CONTRIBUTING.md)
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
             os.environ.setdefault(key, value)
         if "MASTER_PORT" not in os.environ:
