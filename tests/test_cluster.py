@@ -341,42 +341,6 @@ def node_loss_overrides(tiny_bert: Path, glue_dir: Path, out: Path) -> list[str]
     ]
 
 
-def test_a_lost_node_rejoins_and_the_job_ends_at_the_uninterrupted_weights(
-    cluster, tiny_bert, glue_dir, tmp_path
-):
-    """Every process of node1 is killed (sshd included) after a checkpoint; node0's torchrun
-    (MAX_RESTARTS=1) restarts its worker and waits at the rendezvous; node1's launcher is
-    started again, as a scheduler would on a replacement host; the job resumes from the last
-    checkpoint and ends at the weights of a run that was never interrupted."""
-    straight = tmp_path / "straight"
-    Trainer(load_config(None, node_loss_overrides(tiny_bert, glue_dir, straight))).run()
-
-    run_dir = tmp_path / "faulty"
-    overrides = node_loss_overrides(tiny_bert, glue_dir, run_dir)
-    node0, node1 = torchrun_on_both(overrides, max_restarts=1)
-    killed_after = _kill_node1_after_a_checkpoint(run_dir, [node0, node1])
-    node1.wait(timeout=30)
-    args = [a for o in overrides for a in ("--set", o)]
-    rejoined = on_node(
-        "node1",
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
-        **NODE_ENV,
-        NNODES="2",
-        NODE_RANK="1",
-        NPROC="1",
-        MASTER_ADDR=MASTER,
-        MASTER_PORT="29400",
-        MAX_RESTARTS="1",
-    )
-    out0, _ = finish([node0, rejoined], 300)
-    assert node0.returncode == 0 and rejoined.returncode == 0, out0[-4000:]
-    assert "resum" in out0.lower(), out0[-3000:]
-    a = load_file(run_dir / "model" / "model.safetensors")
-    b = load_file(straight / "model" / "model.safetensors")
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert diff <= WEIGHT_TOLERANCE, f"after losing node1 at {killed_after}: {diff}"
-
-
 def test_without_restarts_the_surviving_node_stops_with_a_clear_error(cluster, tiny_bert, glue_dir, tmp_path):
     run_dir = tmp_path / "run"
     procs = torchrun_on_both(node_loss_overrides(tiny_bert, glue_dir, run_dir), max_restarts=0)
