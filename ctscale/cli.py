@@ -4,7 +4,7 @@ Usage (one process; the same commands run under torchrun / deepspeed, see launch
 
     ctscale train --config configs/rte_minilm_ctd.yaml [--set train.lr=2e-5 ...] [--mask FILE]
     ctscale fisher --config CONFIG [--set ...] --out runs/rte/mask.safetensors
-    ctscale mask info [-v] FILE_OR_DIR
+    ctscale mask info [-v] [--model NAME_OR_PATH [--task TASK]] FILE_OR_DIR
     ctscale mask overlap A B [C ...] [--json]
     ctscale mask plot FILE_OR_DIR --out density.png
     torchrun --nproc_per_node 2 -m ctscale train --config CONFIG --set distributed.backend=ddp
@@ -54,11 +54,14 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 
 
 def cmd_mask_info(args: argparse.Namespace) -> int:
-    from ctscale.masktools import density_table, format_table
-    from ctscale.store import read_info
+    from ctscale.masktools import check_fits_model, density_table, format_table
+    from ctscale.store import verify
 
-    info = read_info(args.path)
-    print(f"mask: {info.path} (format {info.format_version}, {len(info.files)} file(s))")
+    info = verify(args.path)  # a corrupt or truncated file is an error, not a summary
+    print(f"mask: {info.path} (format {info.format_version}, {len(info.files)} file(s), checksum ok)")
+    if args.model:
+        checked = check_fits_model(info, args.model, args.task)
+        print(f"  fits model {args.model}: all {checked} mask tensors exist there with the same shape")
     for key, value in sorted(info.metadata.items()):
         print(f"  {key}: {json.dumps(value)}")
     total, chosen = info.total_entries, info.total_selected
@@ -94,7 +97,8 @@ def cmd_mask_overlap(args: argparse.Namespace) -> int:
         print(f"  [{i}] {m['path']}: {m['selected']} selected ({num(m['density'])}), {tag}")
     for p in result["pairs"]:
         print(
-            f"  [{p['a']}] vs [{p['b']}]: intersection {p['intersection']}, jaccard {num(p['jaccard'])}, "
+            f"  [{p['a']}] vs [{p['b']}]: {p['differing']} differing entries, intersection "
+            f"{p['intersection']}, jaccard {num(p['jaccard'])}, "
             f"overlap ratio {num(p['overlap_ratio'])}, expected by chance "
             f"{p['expected_intersection']:.1f} (lift {num(p['lift'], '.2f')})"
         )
@@ -136,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = mask_sub.add_parser("info", help="metadata and counts of a mask")
     info.add_argument("path")
     info.add_argument("-v", "--verbose", action="store_true", help="density per tensor")
+    info.add_argument("--model", help="check the mask against this model (a model.name_or_path)")
+    info.add_argument("--task", help="the task --model is built for (default: the mask's task)")
     info.set_defaults(func=cmd_mask_info)
     over = mask_sub.add_parser("overlap", help="overlap of the child networks of two or more masks")
     over.add_argument("paths", nargs="+", metavar="PATH")
