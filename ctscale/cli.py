@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ctscale import dist
-from ctscale.errors import CtscaleError
+from ctscale.errors import ConfigError, CtscaleError
 
 
 def _run_config(args: argparse.Namespace):
@@ -44,9 +44,15 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     from ctscale.trainer import Trainer
 
     cfg = _run_config(args)
+    if cfg.method.mask_file:
+        raise ConfigError(
+            f"ctscale fisher estimates a new mask, but method.mask_file={cfg.method.mask_file!r} is "
+            "set and would be ignored; remove method.mask_file (train with a saved mask via "
+            "`ctscale train --mask FILE`)"
+        )
     trainer = Trainer(cfg)
-    trainer.prepare()
     out = Path(args.out) if args.out else default_mask_path(cfg.train.output_dir)
+    trainer.prepare(mask_out=out)
     info = estimate_and_save_mask(cfg, trainer.backend, trainer.fisher_pass, out)
     if dist.is_main():
         print(f"wrote {out}: {info.total_selected} of {info.total_entries} candidate entries selected")

@@ -82,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     tensorboard: bool = True  # scalars under output_dir/tensorboard (rank 0)
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False  # replace the run already in output_dir (finished or another config)
     profile_from: int | None = None  # first optimizer step under torch.profiler; None: off
     profile_steps: int = 2  # steps profiled from profile_from; files in output_dir/profile/
 
@@ -451,6 +452,11 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                     f"set it to a value that is {req} (default: {_show(_default(path))})"
                 )
     t, dist = cfg.train, cfg.distributed
+    if t.resume and t.overwrite:
+        raise ConfigError(
+            f"train.resume=true continues the run in train.output_dir, train.overwrite=true replaces "
+            f"it{where}; set only one of them"
+        )
     # batch_size is the global batch, so the micro-batches must split it evenly
     if t.batch_size % t.grad_accum:
         raise ConfigError(

@@ -18,13 +18,13 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ctscale import batching, dist
+from ctscale import batching, dist, rundir
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
 from ctscale.checkpoint import STATE_FILE, CheckpointManager
 from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
 from ctscale.child_optim import ChildAdamW, ChildMask
-from ctscale.config import Config, load_config, save_config
+from ctscale.config import Config, save_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator
 from ctscale.masks import MaskStrategy
@@ -73,8 +73,14 @@ class Trainer:
         )
 
     # -- set-up ---------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, mask_out: Path | None = None) -> None:
+        """Check where the run writes (``mask_out``: ``ctscale fisher``'s mask; else the run
+        directory), then load data and model and set up the backend."""
         cfg = self.cfg
+        if mask_out is None:
+            self._check_output_dir()  # every rank, before anything heavy loads
+        else:
+            rundir.verdict(lambda: rundir.check_mask_out(self.out, mask_out, cfg))
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = load_task_data(cfg, self.tokenizer)
         self.steps_per_epoch = batching.steps_per_epoch(self.data.train_size, cfg.train.batch_size)
@@ -95,30 +101,29 @@ class Trainer:
             lambda opt: get_linear_schedule_with_warmup(opt, warmup, self.total_steps),
         )
         self.fingerprint = model_fingerprint(self.backend.param_shapes())
-        self._check_output_dir()  # every rank: a failure must stop all of them
 
-    def _start_run_dir(self) -> None:
+    def _start_run_dir(self, resumed: bool) -> None:
         """Write the resolved config; only once the run is known to be able to start, so that
-        a bad input never changes a previous run's files."""
+        a bad input never changes a previous run's files. A fresh start first removes the
+        earlier run's files (``train.overwrite``, or the same config restarted)."""
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.yaml")
+            if resumed:
+                rundir.unmark_finished(self.out)
+            elif self._previous_run:
+                rundir.clear_previous(self.out, keep={Path(self.mask_path)} if self.mask_path else set())
+            save_config(self.cfg, self.out / rundir.CONFIG_FILE)
         dist.barrier()
 
     def _check_output_dir(self) -> None:
-        """Refuse to mix two runs: an output_dir that holds another model's or task's run."""
-        previous = self.out / "config.yaml"
-        if not previous.is_file():
-            return
-        old = load_config(previous)
-        for key in ("model.name_or_path", "data.task"):
-            section, name = key.split(".")
-            before, now = getattr(getattr(old, section), name), getattr(getattr(self.cfg, section), name)
-            if before != now:
-                raise ConfigError(
-                    f"train.output_dir={str(self.out)!r} holds another run ({key}={before!r}, this "
-                    f"run has {now!r}); choose a new train.output_dir or delete the old one"
-                )
+        """Refuse a file, an unwritable path, or a directory holding a finished run or another
+        config (``ctscale.rundir``). One verdict on every rank: a failure stops all of them."""
+
+        def check() -> None:
+            rundir.check_writable(self.out)
+            self._previous_run = rundir.check_reuse(self.out, self.cfg)
+
+        rundir.verdict(check)
 
     def micro_batches(self, step: int, global_batch: int, grad_accum: int):
         """Tokenised micro-batches of this rank for optimizer step ``step`` (global numbering)."""
@@ -167,7 +172,7 @@ class Trainer:
             strategy = self.child_only(build_strategy(self.cfg, self.backend, None, self.mask_path))
             state = checkpoints.load(self.backend, resume_from, {"model_fingerprint": self.fingerprint})
             start_step = state["step"]
-        self._start_run_dir()
+        self._start_run_dir(resumed=resume_from is not None)
         if resume_from is not None:
             self.log({"event": "resumed", "step": start_step, "from": str(resume_from)})
         self.log(
@@ -181,6 +186,8 @@ class Trainer:
         metrics = self.fit(strategy, start_step, checkpoints)
         if self.cfg.train.save_model:
             self.save_model()
+        if self.is_main:  # last: a run directory with this file holds a complete run
+            rundir.mark_finished(self.out, {"step": self.total_steps, "final": metrics})
         return metrics
 
     def child_only(self, strategy: MaskStrategy) -> MaskStrategy:
