@@ -216,6 +216,10 @@ class Trainer:
                 self.log({"event": "profile", **profiled})
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
+                # the global batch's mean loss, the same at any world size: each rank's mean is
+                # over equal shares, so their mean is it. One scalar all-reduce on log steps only
+                # (every rank logs the same steps); train_step itself adds no collective.
+                loss = dist.mean_over_ranks(loss)
                 self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr, **_gpu_memory()})
             if checkpoints and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
                 state = {
@@ -243,7 +247,8 @@ class Trainer:
         return StepProfiler(t.profile_from, t.profile_steps, self.out / "profile", self.backend.rank)
 
     def train_step(self, step: int, strategy: MaskStrategy) -> float:
-        """One optimizer step: micro-batches, mask on local shards, clip + AdamW. Mean local loss."""
+        """One optimizer step: micro-batches, mask on local shards, clip + AdamW. Returns this
+        rank's mean loss (its share of the global batch; ``fit`` averages it over ranks to log)."""
         cfg = self.cfg
         micro = list(self.micro_batches(step, cfg.train.batch_size, cfg.train.grad_accum))
         with phase("forward_backward"):
