@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -139,17 +140,30 @@ class Trainer:
 
     # -- CT-D Fisher pass -------------------------------------------------------------------
     def fisher_pass(self, fisher: FisherAccumulator) -> None:
-        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch)."""
+        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch).
+
+        One epoch is its full global batches only: the last ``train_size % batch`` examples are
+        not used (the reference's last, partial batch). A partial batch cannot split into
+        ``grad_accum x world size`` equal parts, and every backend averages each part's mean
+        loss, so an uneven split would weight its examples by the world size (a CT-D mask that
+        changes with it). Using them needs per-example loss weights in every backend."""
         cfg = self.cfg
         batch = cfg.fisher.batch_size or cfg.train.batch_size
         batching.micro_batch_size(batch, cfg.train.grad_accum, self.backend.world_size)
         batches = cfg.fisher.num_batches or self.steps_per_epoch_for(batch)
+        unused = self.data.train_size - batches * batch
+        if cfg.fisher.num_batches is None and unused and self.is_main:
+            tqdm.write(
+                f"fisher: one pass = {batches} global batches of {batch}; the last {unused} of "
+                f"{self.data.train_size} examples do not fill a batch and are not used",
+                file=sys.stderr,
+            )
         self.backend.train_mode(True)
         for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
             micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
             for m, mb in enumerate(micro):
                 self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
-            fisher.add(self.backend.grad_views())
+            fisher.add(self.backend.grad_views(), examples=batch)
             self.backend.zero_grad()
 
     # -- training ---------------------------------------------------------------------------

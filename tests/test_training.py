@@ -201,3 +201,15 @@ def test_same_config_restarts_a_run_interrupted_before_its_first_checkpoint(tiny
     )
     with pytest.raises(ConfigError, match="finished run without a checkpoint"):
         Trainer(resumed).run()
+
+
+def test_full_fisher_pass_says_which_examples_it_used(tiny_bert, glue_dir, tmp_path, capsys):
+    """One Fisher epoch uses full global batches only (trainer.fisher_pass says why); the mask's
+    metadata counts the examples, and the run says how many were left out."""
+    overrides = tiny_overrides(tiny_bert, glue_dir, tmp_path / "run")
+    overrides += ["fisher.num_batches=null", "data.max_train_samples=40"]  # 3 batches of 12, 4 left
+    mask = tmp_path / "mask.safetensors"
+    assert main(["fisher", *(a for o in overrides for a in ("--set", o)), "--out", str(mask)]) == 0
+    meta = store.read_info(mask).metadata
+    assert (meta["fisher_batches"], meta["fisher_examples"]) == (3, 36)
+    assert "the last 4 of 40 examples do not fill a batch and are not used" in capsys.readouterr().err
