@@ -230,9 +230,10 @@ class Trainer:
                 self.log({"event": "profile", **profiled})
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
-                # the global batch's mean loss, the same at any world size: each rank's mean is
-                # over equal shares, so their mean is it. One scalar all-reduce on log steps only
-                # (every rank logs the same steps); train_step itself adds no collective.
+                # the global batch's mean loss, the same at any world size: ranks hold equal
+                # shares (causal LM: losses normalised by the global token count), so the mean
+                # over ranks is it. One scalar all-reduce, on log steps only (every rank logs
+                # the same steps); train_step itself adds no collective.
                 loss = dist.mean_over_ranks(loss)
                 self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr, **_gpu_memory()})
             if checkpoints and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
