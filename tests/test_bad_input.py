@@ -218,17 +218,17 @@ CASES = [
     ("resume-and-overwrite", lambda c: ["--set", "train.resume=true"], ["train.resume", "train.overwrite"]),
     (  # the model does not exist either: the output_dir error must come first (before any loading)
         "output-dir-is-a-file",
-        lambda c: ["--set", f"train.output_dir={_file(c, 'run', '')}", *NO_MODEL(c)],
+        lambda c: ["--set", f"train.output_dir={_file(c, 'run', '')}", *_no_model(c)],
         ["is a file", "train.output_dir"],
     ),
     (
         "output-dir-below-a-file",
-        lambda c: ["--set", f"train.output_dir={_file(c, 'f', '')}/run", *NO_MODEL(c)],
+        lambda c: ["--set", f"train.output_dir={_file(c, 'f', '')}/run", *_no_model(c)],
         ["is a file", "train.output_dir"],
     ),
     (
         "output-dir-not-writable",
-        lambda c: ["--set", f"train.output_dir={_unwritable(c)}/run", *NO_MODEL(c)],
+        lambda c: ["--set", f"train.output_dir={_unwritable(c)}/run", *_no_model(c)],
         ["not writable", "train.output_dir"],
     ),
     (
@@ -259,7 +259,7 @@ COMMAND_CASES = [
     ("fisher-into-a-run-dir", lambda c: ["fisher", *c["base"], *KEEP], ["holds a run", "--out"]),
     (
         "fisher-out-not-writable",
-        lambda c: ["fisher", *c["base"], "--out", f"{_unwritable(c)}/m.safetensors", *NO_MODEL(c)],
+        lambda c: ["fisher", *c["base"], "--out", f"{_unwritable(c)}/m.safetensors", *_no_model(c)],
         ["--out", "not writable"],
     ),
     ("mask-info-corrupted", lambda c: ["mask", "info", str(_corrupted(c))], ["checksum mismatch"]),
@@ -274,7 +274,7 @@ COMMAND_CASES = [
 KEEP = ["--set", "train.overwrite=false"]  # the corpus runs with overwrite on: these test it off
 
 
-def NO_MODEL(ctx) -> list[str]:  # noqa: N802 (reads like the constant it stands beside)
+def _no_model(ctx) -> list[str]:
     return ["--set", f"model.name_or_path={ctx['tmp']}/no_model"]
 
 
