@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
         f"data.train_file={data}",
         "data.max_length=64",
         f"train.output_dir={out}",
+        "train.overwrite=true",  # a rerun into the same work directory replaces the run
         "train.batch_size=2",  # one sequence per rank per step
         f"train.max_steps={args.steps}",
         "train.log_every=1",

@@ -58,6 +58,7 @@ def run_method(
         f"data.train_file={model_dir / 'train.jsonl'}",
         f"data.max_length={args.seq}",
         f"train.output_dir={out}",
+        "train.overwrite=true",  # a rerun into the same work directory replaces the run
         f"train.batch_size={args.batch * args.gpus}",
         f"train.max_steps={steps}",
         "train.epochs=1000",  # max_steps decides; 64 examples make few steps per epoch

@@ -118,6 +118,7 @@ def save_child_network(
         "reserve_p": reserve_p,
         **provenance,
         "fisher_batches": fisher.batches,
+        "fisher_examples": fisher.examples or None,  # None: the caller did not count them
         "fisher_max_grad_norm": fisher.max_grad_norm,
         "counts": {
             "selected": round(reserve_p * total),

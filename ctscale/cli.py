@@ -4,7 +4,7 @@ Usage (one process; the same commands run under torchrun / deepspeed, see launch
 
     ctscale train --config configs/rte_minilm_ctd.yaml [--set train.lr=2e-5 ...] [--mask FILE]
     ctscale fisher --config CONFIG [--set ...] --out runs/rte/mask.safetensors
-    ctscale mask info [-v] FILE_OR_DIR
+    ctscale mask info [-v] [--model NAME_OR_PATH [--task TASK]] FILE_OR_DIR
     ctscale mask overlap A B [C ...] [--json]
     ctscale mask plot FILE_OR_DIR --out density.png
     torchrun --nproc_per_node 2 -m ctscale train --config CONFIG --set distributed.backend=ddp
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ctscale import dist
-from ctscale.errors import CtscaleError
+from ctscale.errors import ConfigError, CtscaleError
 
 
 def _run_config(args: argparse.Namespace):
@@ -47,12 +47,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_fisher(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
+    if cfg.method.mask_file:
+        raise ConfigError(
+            f"ctscale fisher estimates a new mask, but method.mask_file={cfg.method.mask_file!r} is "
+            "set and would be ignored; remove method.mask_file (train with a saved mask via "
+            "`ctscale train --mask FILE`)"
+        )
     from ctscale.child import default_mask_path, estimate_and_save_mask
     from ctscale.trainer import Trainer
 
     trainer = Trainer(cfg)
-    trainer.prepare()
     out = Path(args.out) if args.out else default_mask_path(cfg.train.output_dir)
+    trainer.prepare(mask_out=out)
     info = estimate_and_save_mask(cfg, trainer.backend, trainer.fisher_pass, out)
     if dist.is_main():
         print(f"wrote {out}: {info.total_selected} of {info.total_entries} candidate entries selected")
@@ -60,11 +66,14 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 
 
 def cmd_mask_info(args: argparse.Namespace) -> int:
-    from ctscale.masktools import density_table, format_table
-    from ctscale.store import read_info
+    from ctscale.masktools import check_fits_model, density_table, format_table
+    from ctscale.store import verify
 
-    info = read_info(args.path)
-    print(f"mask: {info.path} (format {info.format_version}, {len(info.files)} file(s))")
+    info = verify(args.path)  # a corrupt or truncated file is an error, not a summary
+    print(f"mask: {info.path} (format {info.format_version}, {len(info.files)} file(s), checksum ok)")
+    if args.model:
+        checked = check_fits_model(info, args.model, args.task)
+        print(f"  fits model {args.model}: all {checked} mask tensors exist there with the same shape")
     for key, value in sorted(info.metadata.items()):
         print(f"  {key}: {json.dumps(value)}")
     total, chosen = info.total_entries, info.total_selected
@@ -100,7 +109,8 @@ def cmd_mask_overlap(args: argparse.Namespace) -> int:
         print(f"  [{i}] {m['path']}: {m['selected']} selected ({num(m['density'])}), {tag}")
     for p in result["pairs"]:
         print(
-            f"  [{p['a']}] vs [{p['b']}]: intersection {p['intersection']}, jaccard {num(p['jaccard'])}, "
+            f"  [{p['a']}] vs [{p['b']}]: {p['differing']} differing entries, intersection "
+            f"{p['intersection']}, jaccard {num(p['jaccard'])}, "
             f"overlap ratio {num(p['overlap_ratio'])}, expected by chance "
             f"{p['expected_intersection']:.1f} (lift {num(p['lift'], '.2f')})"
         )
@@ -142,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = mask_sub.add_parser("info", help="metadata and counts of a mask")
     info.add_argument("path")
     info.add_argument("-v", "--verbose", action="store_true", help="density per tensor")
+    info.add_argument("--model", help="check the mask against this model (a model.name_or_path)")
+    info.add_argument("--task", help="the task --model is built for (default: the mask's task)")
     info.set_defaults(func=cmd_mask_info)
     over = mask_sub.add_parser("overlap", help="overlap of the child networks of two or more masks")
     over.add_argument("paths", nargs="+", metavar="PATH")

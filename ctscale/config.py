@@ -82,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
     tensorboard: bool = True  # scalars under output_dir/tensorboard (rank 0)
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False  # replace the run already in output_dir (finished or another config)
     profile_from: int | None = None  # first optimizer step under torch.profiler; None: off
     profile_steps: int = 2  # steps profiled from profile_from; files in output_dir/profile/
 
@@ -139,8 +140,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r}", again)
+        self.key, self.first, self.again = key, first, again
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``2e-5`` as a float (YAML 1.1 wants ``2.0e-5``)."""
+    """SafeLoader that also reads ``2e-5`` as a float (YAML 1.1 wants ``2.0e-5``) and refuses
+    duplicate keys: ``lr: 1e-3`` then ``lr: 5.0`` in one section would silently train at 5.0."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:  # before merge keys (<<) are flattened: overriding one is fine
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -333,6 +357,12 @@ def _read_file(path: Path) -> dict:
     else:
         try:
             data = yaml.load(text, Loader=_Loader)
+        except _DuplicateKey as err:
+            raise ConfigError(
+                f"{path}: key {err.key!r} appears twice at the same level (line {err.first.line + 1} "
+                f"and line {err.again.line + 1}); YAML would silently keep only the last value, so "
+                "remove one of them"
+            ) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -340,8 +370,13 @@ def _read_file(path: Path) -> dict:
                 f"invalid YAML in {path}{at}: {getattr(err, 'problem', None) or err}; fix "
                 "the syntax there (indentation, 'key: value' pairs, closed quotes/brackets)"
             ) from None
-    if data is None:  # empty file: all defaults
-        return {}
+    if data is None or (suffix == ".toml" and not data):
+        # an empty file is more likely a mistake (wrong file, failed template) than a request for
+        # the ~1 h default run; defaults are asked for explicitly
+        raise ConfigError(
+            f"{path} is empty (no settings); to run with every default, omit --config (or write "
+            "'{}' in a YAML file), otherwise add sections such as 'train:' with 'key: value' lines"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping of sections at the top level, got "
@@ -417,6 +452,11 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                     f"set it to a value that is {req} (default: {_show(_default(path))})"
                 )
     t, dist = cfg.train, cfg.distributed
+    if t.resume and t.overwrite:
+        raise ConfigError(
+            f"train.resume=true continues the run in train.output_dir, train.overwrite=true replaces "
+            f"it{where}; set only one of them"
+        )
     # batch_size is the global batch, so the micro-batches must split it evenly
     if t.batch_size % t.grad_accum:
         raise ConfigError(

@@ -41,6 +41,14 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank scalar over ranks: one all-reduce of one float64 (a no-op at
+    world size 1). Collective: every rank must call it at the same point."""
+    if world_size() == 1:
+        return value
+    return float(all_reduce_sum_(torch.tensor([value], dtype=torch.float64))[0]) / world_size()
+
+
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` in rank order (a one-item list at world size 1). Small objects only."""
     if world_size() == 1:

@@ -54,6 +54,7 @@ class FisherAccumulator:
         self.max_grad_norm = max_grad_norm
         self.sums: dict[Key, torch.Tensor] = {}
         self.batches = 0
+        self.examples = 0  # training examples behind the accumulated batches (when add is told)
         self.owned: set[tuple[str, int, int]] | None = None
         self._averaged = False  # scores() has divided the sums in place
 
@@ -69,8 +70,9 @@ class FisherAccumulator:
                 seen.update(ranges)
         return [v for v in views if (v.name, v.start, v.end) in self.owned]
 
-    def add(self, views: Iterable[GradView]) -> None:
-        """Accumulate one global batch's reduced gradients (local shards)."""
+    def add(self, views: Iterable[GradView], examples: int = 0) -> None:
+        """Accumulate one global batch's reduced gradients (local shards); ``examples``: the
+        global batch's size, recorded in the mask's metadata."""
         if self._averaged:
             raise CtscaleError("FisherAccumulator.add after scores(): the sums are already averaged")
         views = self._own([v for v in views if v.name in self.shapes])
@@ -92,6 +94,7 @@ class FisherAccumulator:
             else:
                 self.sums[view.key()] = square
         self.batches += 1
+        self.examples += examples
 
     def _clip_scales(self, views: list[GradView]) -> dict[str, float]:
         """Per-tensor clip factor ``min(1, max_norm / (norm + 1e-6))`` from the global norm."""

@@ -156,6 +156,19 @@ def _stream(path: str | Path, info: MaskInfo, names: Sequence[str]) -> Iterator[
             yield bits
 
 
+def check_fits_model(info: MaskInfo, name_or_path: str, task: str | None = None) -> int:
+    """MaskError unless every tensor of the mask exists, with its shape, in the model that
+    ``name_or_path`` (any ``model.name_or_path`` form) builds for ``task`` (default: the mask's
+    own task), the same check training does. Built on the meta device: no weights are read.
+    Returns the number of mask tensors checked."""
+    from ctscale.config import ModelConfig
+    from ctscale.models import meta_shapes
+
+    shapes = meta_shapes(ModelConfig(name_or_path=name_or_path), task or info.metadata.get("task") or "rte")
+    store.check_names(info, shapes)
+    return len(info.shapes)
+
+
 def _same_model(infos: Sequence[MaskInfo]) -> None:
     """MaskError naming the first difference unless every mask has the first one's names/shapes."""
     ref = infos[0]
@@ -179,7 +192,8 @@ def _same_model(infos: Sequence[MaskInfo]) -> None:
 def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
     """Pairwise overlap of two or more masks of the same model, streamed tensor by tensor.
 
-    Per pair (i < j): intersection |A∩B|, union, Jaccard |A∩B|/|A∪B|, overlap ratio
+    Per pair (i < j): intersection |A∩B|, union, ``differing`` = |A△B| (entries in exactly one
+    mask: exact, where a rounded Jaccard of 1.0000 can hide a few), Jaccard |A∩B|/|A∪B|, overlap ratio
     |A∩B|/min(|A|,|B|), the intersection expected for independent random masks of the same
     densities |A||B|/N, and ``lift`` = intersection / expected (> 1: more shared than chance).
     Undefined ratios (0/0) are None.
@@ -207,7 +221,8 @@ def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
     for (i, j), n in inter.items():
         a, b = masks[i]["selected"], masks[j]["selected"]
         union, expected = a + b - n, (a * b / total if total else 0.0)
-        stats = dict(intersection=n, union=union, jaccard=ratio(n, union), overlap_ratio=ratio(n, min(a, b)))
+        stats = dict(intersection=n, union=union, differing=union - n, jaccard=ratio(n, union))
+        stats |= dict(overlap_ratio=ratio(n, min(a, b)))
         pairs.append(dict(a=i, b=j) | stats | dict(expected_intersection=expected, lift=ratio(n, expected)))
     return dict(total_entries=total, masks=masks, pairs=pairs)
 

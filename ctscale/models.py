@@ -164,6 +164,27 @@ def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
+def meta_shapes(cfg: ModelConfig, task: str) -> dict[str, tuple[int, ...]]:
+    """``parameter_shapes`` of the model training builds from ``cfg`` for ``task`` (a GLUE task,
+    or ``jsonl``: a causal LM), built on the meta device from its config: no weights are read."""
+    from ctscale.tasks import get_task
+
+    path = resolve_model_path(cfg.name_or_path)
+    if task == "jsonl":
+        auto, overrides = AutoModelForCausalLM, {}
+    else:
+        glue = get_task(task)
+        auto = AutoModelForSequenceClassification
+        problem = "regression" if glue.is_regression else "single_label_classification"
+        overrides = {"num_labels": glue.num_labels, "problem_type": problem}
+    trust = cfg.trust_remote_code
+    with _loading("config", cfg.name_or_path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **overrides)
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=trust)
+    return parameter_shapes(model)
+
+
 def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Canonical name -> global shape of every trainable parameter (unwrapped model)."""
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}

@@ -7,7 +7,7 @@ overlap and together cover it.
 Local vs global:
   * ``save_mask`` is COLLECTIVE when ``world_size() > 1``: every rank passes its own pieces.
     Only small piece descriptors travel between ranks (``all_gather_objects``), never bits.
-  * ``load_mask``, ``read_info`` and ``check_names`` are LOCAL: no communication. Each rank
+  * ``load_mask``, ``read_info``, ``verify`` and ``check_names`` are LOCAL: no communication. Each rank
     asks for the ranges it holds now, whatever the world size at save time (resharding).
 
 Format (version 1), one or more safetensors files:
@@ -371,6 +371,19 @@ def read_info(path: str | Path) -> MaskInfo:
             selected[d["name"]] = selected.get(d["name"], 0) + d["count"]
     files_ = [str(f) for f, _, _ in files]
     return MaskInfo(str(path), header["format_version"], header["metadata"], shapes, selected, files_)
+
+
+def verify(path: str | Path) -> MaskInfo:
+    """``read_info`` plus every file's presence, size and SHA-256 checksum (local; reads the
+    whole payload once, streamed). MaskError naming the file on the first problem."""
+    path = Path(path)
+    info = read_info(path)
+    _, files = _layout(path)
+    for f, checksum, _ in files:
+        if not f.is_file():
+            raise MaskError(f"{path}: shard {f.name} listed in {INDEX_NAME} is missing; {_FIX}")
+        _verify(f, checksum)
+    return info
 
 
 def _read_range(handle: Any, d: dict[str, Any], lo: int, hi: int) -> torch.Tensor:

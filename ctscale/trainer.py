@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -18,13 +19,13 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ctscale import batching, dist
+from ctscale import batching, dist, rundir
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
 from ctscale.checkpoint import STATE_FILE, CheckpointManager
 from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
 from ctscale.child_optim import ChildAdamW, ChildMask
-from ctscale.config import Config, load_config, save_config
+from ctscale.config import Config, save_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator
 from ctscale.masks import MaskStrategy
@@ -73,8 +74,14 @@ class Trainer:
         )
 
     # -- set-up ---------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, mask_out: Path | None = None) -> None:
+        """Check where the run writes (``mask_out``: ``ctscale fisher``'s mask; else the run
+        directory), then load data and model and set up the backend."""
         cfg = self.cfg
+        if mask_out is None:
+            self._check_output_dir()  # every rank, before anything heavy loads
+        else:
+            rundir.verdict(lambda: rundir.check_mask_out(self.out, mask_out, cfg))
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = load_task_data(cfg, self.tokenizer)
         self.steps_per_epoch = batching.steps_per_epoch(self.data.train_size, cfg.train.batch_size)
@@ -95,30 +102,29 @@ class Trainer:
             lambda opt: get_linear_schedule_with_warmup(opt, warmup, self.total_steps),
         )
         self.fingerprint = model_fingerprint(self.backend.param_shapes())
-        self._check_output_dir()  # every rank: a failure must stop all of them
 
-    def _start_run_dir(self) -> None:
+    def _start_run_dir(self, resumed: bool) -> None:
         """Write the resolved config; only once the run is known to be able to start, so that
-        a bad input never changes a previous run's files."""
+        a bad input never changes a previous run's files. A fresh start first removes the
+        earlier run's files (``train.overwrite``, or the same config restarted)."""
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.yaml")
+            if resumed:
+                rundir.unmark_finished(self.out)
+            elif self._previous_run:
+                rundir.clear_previous(self.out, keep={Path(self.mask_path)} if self.mask_path else set())
+            save_config(self.cfg, self.out / rundir.CONFIG_FILE)
         dist.barrier()
 
     def _check_output_dir(self) -> None:
-        """Refuse to mix two runs: an output_dir that holds another model's or task's run."""
-        previous = self.out / "config.yaml"
-        if not previous.is_file():
-            return
-        old = load_config(previous)
-        for key in ("model.name_or_path", "data.task"):
-            section, name = key.split(".")
-            before, now = getattr(getattr(old, section), name), getattr(getattr(self.cfg, section), name)
-            if before != now:
-                raise ConfigError(
-                    f"train.output_dir={str(self.out)!r} holds another run ({key}={before!r}, this "
-                    f"run has {now!r}); choose a new train.output_dir or delete the old one"
-                )
+        """Refuse a file, an unwritable path, or a directory holding a finished run or another
+        config (``ctscale.rundir``). One verdict on every rank: a failure stops all of them."""
+
+        def check() -> None:
+            rundir.check_writable(self.out)
+            self._previous_run = rundir.check_reuse(self.out, self.cfg)
+
+        rundir.verdict(check)
 
     def micro_batches(self, step: int, global_batch: int, grad_accum: int):
         """Tokenised micro-batches of this rank for optimizer step ``step`` (global numbering)."""
@@ -134,17 +140,30 @@ class Trainer:
 
     # -- CT-D Fisher pass -------------------------------------------------------------------
     def fisher_pass(self, fisher: FisherAccumulator) -> None:
-        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch)."""
+        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch).
+
+        One epoch is its full global batches only: the last ``train_size % batch`` examples are
+        not used (the reference's last, partial batch). A partial batch cannot split into
+        ``grad_accum x world size`` equal parts, and every backend averages each part's mean
+        loss, so an uneven split would weight its examples by the world size (a CT-D mask that
+        changes with it). Using them needs per-example loss weights in every backend."""
         cfg = self.cfg
         batch = cfg.fisher.batch_size or cfg.train.batch_size
         batching.micro_batch_size(batch, cfg.train.grad_accum, self.backend.world_size)
         batches = cfg.fisher.num_batches or self.steps_per_epoch_for(batch)
+        unused = self.data.train_size - batches * batch
+        if cfg.fisher.num_batches is None and unused and self.is_main:
+            tqdm.write(
+                f"fisher: one pass = {batches} global batches of {batch}; the last {unused} of "
+                f"{self.data.train_size} examples do not fill a batch and are not used",
+                file=sys.stderr,
+            )
         self.backend.train_mode(True)
         for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
             micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
             for m, mb in enumerate(micro):
                 self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
-            fisher.add(self.backend.grad_views())
+            fisher.add(self.backend.grad_views(), examples=batch)
             self.backend.zero_grad()
 
     # -- training ---------------------------------------------------------------------------
@@ -167,7 +186,7 @@ class Trainer:
             strategy = self.child_only(build_strategy(self.cfg, self.backend, None, self.mask_path))
             state = checkpoints.load(self.backend, resume_from, {"model_fingerprint": self.fingerprint})
             start_step = state["step"]
-        self._start_run_dir()
+        self._start_run_dir(resumed=resume_from is not None)
         if resume_from is not None:
             self.log({"event": "resumed", "step": start_step, "from": str(resume_from)})
         self.log(
@@ -181,6 +200,8 @@ class Trainer:
         metrics = self.fit(strategy, start_step, checkpoints)
         if self.cfg.train.save_model:
             self.save_model()
+        if self.is_main:  # last: a run directory with this file holds a complete run
+            rundir.mark_finished(self.out, {"step": self.total_steps, "final": metrics})
         return metrics
 
     def child_only(self, strategy: MaskStrategy) -> MaskStrategy:
@@ -209,6 +230,11 @@ class Trainer:
                 self.log({"event": "profile", **profiled})
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
+                # the global batch's mean loss, the same at any world size: ranks hold equal
+                # shares (causal LM: losses normalised by the global token count), so the mean
+                # over ranks is it. One scalar all-reduce, on log steps only (every rank logs
+                # the same steps); train_step itself adds no collective.
+                loss = dist.mean_over_ranks(loss)
                 self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr, **_gpu_memory()})
             if checkpoints and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
                 state = {
@@ -236,7 +262,8 @@ class Trainer:
         return StepProfiler(t.profile_from, t.profile_steps, self.out / "profile", self.backend.rank)
 
     def train_step(self, step: int, strategy: MaskStrategy) -> float:
-        """One optimizer step: micro-batches, mask on local shards, clip + AdamW. Mean local loss."""
+        """One optimizer step: micro-batches, mask on local shards, clip + AdamW. Returns this
+        rank's mean loss (its share of the global batch; ``fit`` averages it over ranks to log)."""
         cfg = self.cfg
         micro = list(self.micro_batches(step, cfg.train.batch_size, cfg.train.grad_accum))
         with phase("forward_backward"):

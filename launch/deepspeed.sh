@@ -6,11 +6,16 @@
 #   HOSTFILE=hostfile launch/deepspeed.sh --config CONFIG ...        # multi-node (ssh/pdsh)
 #   DS_ACCELERATOR=cpu NGPUS=2 launch/deepspeed.sh --config CONFIG ... # 2 CPU processes, gloo
 #
-# Everything after the script name goes to `ctscale train`. Environment: NGPUS (2) per node
-# when no HOSTFILE; HOSTFILE (multi-node: "host slots=N" lines, reached with pdsh over ssh;
-# HF_*, CTSCALE_*, GLOO_*, TORCH_*, NCCL_*, DS_ACCELERATOR, OMP_NUM_THREADS and
-# TOKENIZERS_PARALLELISM are forwarded to every node); MASTER_PORT (29500).
+#   launch/deepspeed.sh fisher --config CONFIG --set distributed.backend=deepspeed ... --out MASK
+#
+# A first argument `train` or `fisher` names the ctscale command (default: train); everything
+# else goes to it. Environment: NGPUS (2) per node when no HOSTFILE; HOSTFILE (multi-node:
+# "host slots=N" lines, reached with pdsh over ssh; HF_*, CTSCALE_*, GLOO_*, TORCH_*, NCCL_*,
+# DS_ACCELERATOR, OMP_NUM_THREADS and TOKENIZERS_PARALLELISM are forwarded to every node);
+# MASTER_PORT (29500).
 set -euo pipefail
+command=train
+case "${1:-}" in train | fisher) command=$1 && shift ;; esac
 args=(--master_port "${MASTER_PORT:-29500}")
 if [[ -n "${HOSTFILE:-}" ]]; then
   args+=(--hostfile "$HOSTFILE")
@@ -27,4 +32,4 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
   args+=(--num_gpus "${NGPUS:-2}")
 fi
-deepspeed "${args[@]}" --module ctscale train "$@"
+deepspeed "${args[@]}" --module ctscale "$command" "$@"

@@ -119,3 +119,12 @@ def stop_then_resume(rank: int, world_size: int, runs: list[list[str]]) -> list[
         ]
         for o in runs
     ]
+
+
+def logged_run(rank: int, world_size: int, overrides: list[str]) -> None:
+    """``Trainer.run()`` as ``ctscale train`` runs it: the run directory (metrics.jsonl, model/)
+    is the result."""
+    from ctscale.config import load_config
+    from ctscale.trainer import Trainer
+
+    Trainer(load_config(None, overrides)).run()

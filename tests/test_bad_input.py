@@ -207,8 +207,103 @@ CASES = [
         ["fisher.candidates"],
     ),
     ("missing-model-dir", lambda c: ["--set", f"model.name_or_path={c['tmp']}/no_model"], ["no_model"]),
-    ("other-run-in-output-dir", lambda c: ["--set", "data.task=mrpc"], ["holds another run", "output_dir"]),
+    (
+        "other-run-in-output-dir",
+        lambda c: ["--set", "data.task=mrpc", *KEEP],
+        ["holds another run", "data.task", "train.overwrite=true"],
+    ),
+    (  # the issue's case: another method and lr into a finished CT-D run
+        "other-config-over-finished-run",
+        lambda c: ["--set", "method.name=vanilla", "--set", "train.lr=5.0", *KEEP],
+        ["holds another run", "method.name: 'ct-d' there, 'vanilla' now", "train.lr", "train.overwrite=true"],
+    ),
+    ("same-config-over-finished-run", lambda c: KEEP, ["holds a finished run", "train.overwrite=true"]),
+    ("resume-and-overwrite", lambda c: ["--set", "train.resume=true"], ["train.resume", "train.overwrite"]),
+    (  # the model does not exist either: the output_dir error must come first (before any loading)
+        "output-dir-is-a-file",
+        lambda c: ["--set", f"train.output_dir={_file(c, 'run', '')}", *_no_model(c)],
+        ["is a file", "train.output_dir"],
+    ),
+    (
+        "output-dir-below-a-file",
+        lambda c: ["--set", f"train.output_dir={_file(c, 'f', '')}/run", *_no_model(c)],
+        ["is a file", "train.output_dir"],
+    ),
+    (
+        "output-dir-not-writable",
+        lambda c: ["--set", f"train.output_dir={_unwritable(c)}/run", *_no_model(c)],
+        ["not writable", "train.output_dir"],
+    ),
+    (
+        "duplicate-yaml-key",
+        lambda c: ["--config", str(_file(c, "dup.yaml", "train:\n  lr: 1.0e-3\n  lr: 5.0\n"))],
+        ["dup.yaml", "'lr' appears twice", "line 2", "line 3"],
+    ),
+    (
+        "duplicate-yaml-section",
+        lambda c: ["--config", str(_file(c, "dup.yaml", "train:\n  lr: 1.0e-3\ntrain:\n  epochs: 1\n"))],
+        ["'train' appears twice"],
+    ),
+    (
+        "empty-yaml-config",
+        lambda c: ["--config", str(_file(c, "e.yaml", "# nothing yet\n"))],
+        ["empty", "omit --config"],
+    ),
+    ("empty-toml-config", lambda c: ["--config", str(_file(c, "e.toml", ""))], ["empty", "omit --config"]),
 ]
+
+# Commands other than `train` (whole argv; BASE is the corpus's base overrides, overwrite off).
+COMMAND_CASES = [
+    (
+        "fisher-with-mask-file",
+        lambda c: ["fisher", *c["base"], "--set", f"method.mask_file={c['run'] / 'mask.safetensors'}", *KEEP],
+        ["method.mask_file", "ignored"],
+    ),
+    ("fisher-into-a-run-dir", lambda c: ["fisher", *c["base"], *KEEP], ["holds a run", "--out"]),
+    (
+        "fisher-out-not-writable",
+        lambda c: ["fisher", *c["base"], "--out", f"{_unwritable(c)}/m.safetensors", *_no_model(c)],
+        ["--out", "not writable"],
+    ),
+    ("mask-info-corrupted", lambda c: ["mask", "info", str(_corrupted(c))], ["checksum mismatch"]),
+    ("mask-info-truncated", lambda c: ["mask", "info", str(_truncated(c))], ["truncated"]),
+    (
+        "mask-info-other-model",
+        lambda c: ["mask", "info", str(c["run"] / "mask.safetensors"), "--model", str(_wide_model(c))],
+        ["shape", "another model"],
+    ),
+]
+
+KEEP = ["--set", "train.overwrite=false"]  # the corpus runs with overwrite on: these test it off
+
+
+def _no_model(ctx) -> list[str]:
+    return ["--set", f"model.name_or_path={ctx['tmp']}/no_model"]
+
+
+def _wide_model(ctx) -> Path:
+    return write_tiny_bert(ctx["tmp"] / "wide_model", hidden=48)
+
+
+def _unwritable(ctx) -> Path:
+    """A directory this process cannot write in: mode 0555, or (root ignores modes) a read-only
+    tmpfs mount; skipped where neither is possible."""
+    import os
+    import subprocess
+
+    path = ctx["tmp"] / "read_only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        ctx["finalize"](lambda: path.chmod(0o755))
+        return path
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mount.stderr.decode().strip()}")
+    ctx["finalize"](lambda: subprocess.run(["umount", str(path)], check=True))
+    return path
 
 
 def _truncated(ctx) -> Path:
@@ -227,21 +322,45 @@ def _corrupted(ctx) -> Path:
 
 
 def test_corpus_has_at_least_25_cases():
-    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+    names = [c[0] for c in CASES + COMMAND_CASES]
+    assert len(names) >= 25 and len(set(names)) == len(names)
+
+
+def _base(previous_run: Path, tiny_bert: Path, glue_dir: Path) -> list[str]:
+    """The previous run's own config, with train.overwrite on: a bad input must fail before a
+    run that may replace that directory starts, and so change nothing there."""
+    overrides = tiny_overrides(tiny_bert, glue_dir, previous_run)
+    return _sets(overrides + ["method.name=ct-d", "train.save_model=true", "train.overwrite=true"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_clearly_and_changes_nothing(
-    case, previous_run, tiny_bert, glue_dir, tmp_path, capsys
+    case, previous_run, tiny_bert, glue_dir, tmp_path, capsys, request
 ):
     _, build, words = case
     ctx = {"tmp": tmp_path, "run": previous_run, "glue": glue_dir, "model": tiny_bert}
+    ctx["finalize"] = request.addfinalizer
     before = _digest(previous_run)
-    base = _sets(
-        tiny_overrides(tiny_bert, glue_dir, previous_run) + ["method.name=ct-d", "train.save_model=true"]
-    )
+    base = _base(previous_run, tiny_bert, glue_dir)
     tail = build(ctx)
     argv = ["train", *base, *tail] if tail[0] != "--config" else ["train", *tail, *base]
+    _fails_clearly(argv, words, capsys)
+    assert _digest(previous_run) == before, "a bad run changed a previous run's files"
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_fails_clearly_and_changes_nothing(
+    case, previous_run, tiny_bert, glue_dir, tmp_path, capsys, request
+):
+    _, build, words = case
+    ctx = {"tmp": tmp_path, "run": previous_run, "glue": glue_dir, "model": tiny_bert}
+    ctx |= {"finalize": request.addfinalizer, "base": _base(previous_run, tiny_bert, glue_dir)}
+    before = _digest(previous_run)
+    _fails_clearly(build(ctx), words, capsys)
+    assert _digest(previous_run) == before, "a bad command changed a previous run's files"
+
+
+def _fails_clearly(argv: list[str], words: list[str], capsys) -> None:
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
@@ -250,7 +369,6 @@ def test_bad_input_fails_clearly_and_changes_nothing(
     assert len(message) == 1 and "Traceback" not in err, err[-2000:]
     for word in words:
         assert word in message[0], f"{word!r} not in {message[0]!r}"
-    assert _digest(previous_run) == before, "a bad run changed a previous run's files"
 
 
 def test_a_bad_deepspeed_config_fails_before_any_engine_or_model(tmp_path):

@@ -123,8 +123,24 @@ def test_yaml_and_toml_load_to_same_config(tmp_path: Path) -> None:
     assert from_yaml.fisher.exclude == [r"\.bias$"]
 
 
-def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "")) == Config()
+@pytest.mark.parametrize("text", ["", "\n", "# settings to come\n"])
+def test_empty_yaml_file_is_an_error_that_says_how_to_get_defaults(tmp_path: Path, text: str) -> None:
+    """An empty file is more likely a mistake than a request for the ~1 h default run."""
+    with pytest.raises(ConfigError, match=r"is empty .*omit --config \(or write '\{\}'"):
+        load_config(write(tmp_path, text))
+    assert load_config(write(tmp_path, "{}\n")) == Config()  # the explicit way
+    assert load_config(None) == Config()
+
+
+def test_duplicate_yaml_keys_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice .*line 2 and line 3"):
+        load_config(write(tmp_path, "train:\n  lr: 1.0e-3\n  lr: 5.0\n"))
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice .*line 1 and line 3"):
+        load_config(write(tmp_path, "train:\n  lr: 1.0e-3\ntrain:\n  epochs: 1\n"))
+    # a merge key's values may be overridden: that is what merge keys are for
+    text = "data: &d\n  max_length: 64\ntrain:\n  <<: {epochs: 2, lr: 1.0e-3}\n  lr: 2.0e-5\n"
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.train.epochs, cfg.train.lr, cfg.data.max_length) == (2, 2e-5, 64)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ in one process group. Checked for every row, world and method:
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -24,7 +25,7 @@ from ctscale import store
 
 from conftest import METHODS, NEEDS, ROWS
 from dist_harness import run_world
-from dist_workers import tiny_overrides, train_runs
+from dist_workers import logged_run, tiny_overrides, train_runs
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +97,44 @@ def test_world2_mask_loads_at_world1(row, world, reference, tiny_bert, glue_dir,
     ]
     result = run_world(train_runs, 1, [overrides])[0][0]
     assert _max_diff(result["state"], reference["ct-d"]["state"]) <= ATOL
+
+
+def _export_overrides(tiny_bert, glue_dir, out) -> list[str]:
+    return tiny_overrides(tiny_bert, glue_dir, out) + ["train.save_model=true", "train.log_every=1"]
+
+
+def _logged(out) -> tuple[list[float], list[str]]:
+    """(train loss per step from metrics.jsonl, key names of the exported model.safetensors)."""
+    from safetensors import safe_open
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as fh:
+        keys = sorted(fh.keys())
+    return [r["loss"] for r in records if r["event"] == "train"], keys
+
+
+@pytest.fixture(scope="module")
+def one_process_export(tiny_bert, glue_dir, tmp_path_factory):
+    from ctscale.config import load_config
+    from ctscale.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("export1")
+    Trainer(load_config(None, _export_overrides(tiny_bert, glue_dir, out))).run()
+    return _logged(out)
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_logged_loss_and_export_keys_match_single_process(
+    row, tiny_bert, glue_dir, tmp_path, one_process_export
+):
+    """Logged train loss is the global batch's mean (not rank 0's share), and the exported
+    safetensors have the 1-process key names (ZeRO-3 once wrote LayerNorm gamma/beta)."""
+    if not _available(row):
+        pytest.skip(f"backend for {row} not built yet")
+    run_world(logged_run, 2, _export_overrides(tiny_bert, glue_dir, tmp_path) + ROWS[row])
+    losses, keys = _logged(tmp_path)
+    want_losses, want_keys = one_process_export
+    assert keys == want_keys, f"{row}: {sorted(set(keys) ^ set(want_keys))[:6]}"
+    assert len(losses) == len(want_losses) == 4
+    diff = max(abs(a - b) for a, b in zip(losses, want_losses))
+    assert diff <= 1e-5, f"{row}: logged losses {losses} vs 1 process {want_losses}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -18,11 +19,16 @@ from ctscale.trainer import Trainer
 from dist_harness import free_port
 from dist_workers import tiny_overrides
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch(script: str, overrides: list[str], extra_env: dict | None = None, timeout: int = 400):
+def launch(
+    script: str,
+    overrides: list[str],
+    extra_env: dict | None = None,
+    timeout: int = 400,
+    command: str | None = None,
+):
     env = {
         **os.environ,
         "MASTER_PORT": str(free_port()),
@@ -32,7 +38,7 @@ def launch(script: str, overrides: list[str], extra_env: dict | None = None, tim
     }
     args = [a for o in overrides for a in ("--set", o)]
     return subprocess.run(
-        ["bash", str(REPO / "launch" / script), *args],
+        ["bash", str(REPO / "launch" / script), *([command] if command else []), *args],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -51,6 +57,7 @@ def single_process_model(tiny_bert, glue_dir, tmp_path_factory):
     return load_file(out / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script,backend",
     [
@@ -80,3 +87,68 @@ def test_two_process_job_end_to_end(script, backend, tiny_bert, glue_dir, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r["event"] == "eval" for r in records)
     assert torch.tensor([r["loss"] for r in records if r["event"] == "train"]).isfinite().all()
+
+
+# A stand-in for torchrun / deepspeed / srun: records its arguments, one per line, and exits 0.
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\n' "$@" >"$RECORDED"
+"""
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh", "slurm.sbatch"])
+@pytest.mark.parametrize("command", [None, "train", "fisher"])
+def test_launchers_run_train_or_fisher(script, command, tmp_path):
+    """A first argument `train` or `fisher` names the ctscale command (default train); the rest
+    reaches it unchanged. Fast: the launcher programs are recorders."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("torchrun", "deepspeed", "srun", "scontrol"):
+        (bin_dir / name).write_text(RECORDER if name != "srun" else SRUN_RUNS_ITS_COMMAND)
+        (bin_dir / name).chmod(0o755)
+    recorded = tmp_path / "argv"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORDED": str(recorded),
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_ID": "7",
+    }
+    tail = ["--config", "my config.yaml", "--out", "runs/m"]
+    argv = ([command] if command else []) + tail
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / script), *argv], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    args = recorded.read_text().splitlines()
+    (at,) = [i for i in range(len(args) - 1) if args[i] in ("-m", "--module") and args[i + 1] == "ctscale"]
+    assert args[at + 2 :] == [command or "train", *tail]
+
+
+# fake srun (test_slurm has the full one): drop srun's options, run the per-node command
+SRUN_RUNS_ITS_COMMAND = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+SLURM_NODEID=0 SLURM_GPUS_ON_NODE=1 exec "$@"
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_fisher_writes_the_single_process_mask(tiny_bert, glue_dir, tmp_path):
+    """`launch/torchrun.sh fisher`: 2 processes write the same child network as `ctscale fisher`
+    in one process (a sharded mask, loaded here whole)."""
+    from ctscale.cli import main
+
+    overrides = tiny_overrides(tiny_bert, glue_dir, tmp_path / "run")
+    one = tmp_path / "one.safetensors"
+    assert main(["fisher", *(a for o in overrides for a in ("--set", o)), "--out", str(one)]) == 0
+    proc = launch("torchrun.sh", ["distributed.backend=ddp", *overrides], timeout=300, command="fisher")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = tmp_path / "run" / "mask"
+    assert len(store.read_info(two).files) == 2
+
+    def bits(path):
+        info = store.read_info(path)
+        return store.load_mask(path, [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()])
+
+    a, b = bits(one), bits(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -306,12 +306,16 @@ def test_cli_overlap(llama_masks: list[Path], tmp_path: Path, capsys: pytest.Cap
     assert main(["mask", "overlap", *paths]) == 0
     out = capsys.readouterr().out
     assert "3 masks of 100 candidate entries each:" in out
-    assert "[1] vs [2]: intersection 4, jaccard 0.1111, overlap ratio 0.2000, expected by chance 4.0" in out
+    pair_12 = (
+        "32 differing entries, intersection 4, jaccard 0.1111, overlap ratio 0.2000, expected by chance 4.0"
+    )
+    assert f"[1] vs [2]: {pair_12}" in out
     pair_02 = "intersection 20, jaccard 0.4000, overlap ratio 1.0000, expected by chance 10.0 (lift 2.00)"
-    assert f"[0] vs [2]: {pair_02}" in out
+    assert f"[0] vs [2]: 30 differing entries, {pair_02}" in out
     assert main(["mask", "overlap", *paths, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [p["intersection"] for p in result["pairs"]] == [10, 20, 4]
+    assert [p["differing"] for p in result["pairs"]] == [50, 30, 32]
     assert result["pairs"][0]["jaccard"] == pytest.approx(1 / 6)
     assert main(["mask", "overlap", paths[0], str(bert_mask(tmp_path / "bert.safetensors"))]) == 2
     assert "ctscale: error: masks of different models" in capsys.readouterr().err
@@ -335,3 +339,62 @@ def test_cli_plot_without_matplotlib_names_the_extra(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and 'pip install "ctscale[plot]"' in err and "matplotlib" in err
     assert not png.exists()
+
+
+def test_overlap_counts_the_entries_that_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Masks 4 entries apart out of 100,000 selected: Jaccard rounds to 1.0000, the count does not."""
+    shapes = {"model.layers.0.mlp.up_proj.weight": (500, 400)}
+    a = torch.arange(200_000) % 2 == 0
+    b = a.clone()
+    b[[0, 2]] = False  # two entries leave the child network
+    b[[1, 3]] = True  # two others join it
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for path, bits in zip(paths, (a, b)):
+        save_mask(path, pieces_from_flat(shapes, bits), META)
+    (pair,) = overlap(paths)["pairs"]
+    assert (pair["differing"], pair["intersection"], pair["union"]) == (4, 99_998, 100_002)
+    assert main(["mask", "overlap", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "[0] vs [1]: 4 differing entries, intersection 99998, jaccard 1.0000" in out
+
+
+def test_cli_info_verifies_the_checksum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = bert_mask(tmp_path / "bert.safetensors")
+    assert main(["mask", "info", str(path)]) == 0
+    assert "checksum ok" in capsys.readouterr().out
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one payload bit: the header (and so the summary) is intact
+    path.write_bytes(bytes(data))
+    assert main(["mask", "info", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "ctscale: error:" in captured.err and "checksum mismatch" in captured.err
+    assert captured.out == ""  # no summary of a corrupt mask
+
+
+def test_cli_info_checks_a_mask_against_a_model(
+    tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--model``: every mask tensor must exist in that model with its shape (no weights read)."""
+    from ctscale.config import ModelConfig
+    from ctscale.models import meta_shapes
+
+    from conftest import write_tiny_bert
+
+    layers = {n: s for n, s in meta_shapes(ModelConfig(str(tiny_bert)), "rte").items() if "layer" in n}
+    pieces = [
+        MaskPiece(n, s, 0, math.prod(s), torch.ones(math.prod(s), dtype=torch.bool))
+        for n, s in layers.items()
+    ]
+    path = tmp_path / "fits.safetensors"
+    save_mask(path, pieces, META)
+    assert main(["mask", "info", str(path), "--model", str(tiny_bert)]) == 0
+    assert f"fits model {tiny_bert}: all {len(layers)} mask tensors" in capsys.readouterr().out
+    wider = write_tiny_bert(tmp_path / "hidden48", hidden=48)
+    capsys.readouterr()
+    assert main(["mask", "info", str(path), "--model", str(wider)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctscale: error:") and "shape" in err and "Traceback" not in err
+    llama = tmp_path / "llama.safetensors"
+    save_mask(llama, pieces_from_flat(LLAMA, torch.ones(100, dtype=torch.bool)), META)
+    assert main(["mask", "info", str(llama), "--model", str(tiny_bert)]) == 2
+    assert "which this model lacks" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_slurm_job_trains_like_one_process(
     (call,) = (tmp_path / "srun").iterdir()
     args = call.read_text().split("\0")[:-1]
     assert args[:5] == ["--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
-    assert args[6:] == ["ctscale-node", *(a for o in overrides for a in ("--set", o))]
+    assert args[6:] == ["ctscale-node", "train", *(a for o in overrides for a in ("--set", o))]
     saved = load_file(out / "model" / "model.safetensors")
     assert saved.keys() == single_process_model.keys()
     diff = max((saved[k].float() - single_process_model[k].float()).abs().max().item() for k in saved)

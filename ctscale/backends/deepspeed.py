@@ -133,6 +133,7 @@ class DeepSpeedBackend:
                 for n, p in model.named_parameters()
                 if p.requires_grad and p.dtype == torch.float32 and not hasattr(p, "ds_id")
             }
+        _keep_used_weight_conversions(model)  # ZeRO-3 load: export the model's own key names
         optimizer = make_optimizer(model.named_parameters())
         scheduler = make_scheduler(optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -327,6 +328,21 @@ class DeepSpeedBackend:
             opt._reassign_or_swap_out_partitioned_parameters(group)  # into p.ds_tensor
         if opt.persistent_parameters:  # kept whole on every rank: gather them again
             opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+
+def _keep_used_weight_conversions(model: torch.nn.Module) -> None:
+    """Forget checkpoint-key conversions that ``from_pretrained`` tried but never applied.
+
+    transformers 5 records the conversions it used while loading (``_weight_conversions``) and
+    ``save_pretrained`` reverts them, so an export has the checkpoint's original key names. Its
+    ordinary loader keeps only the conversions that matched a key; its ZeRO-3 loader (under
+    ``zero.Init``) keeps every one it tried, BERT's legacy ``LayerNorm.gamma``/``beta`` ->
+    ``weight``/``bias`` renaming included, so the export "reverted" 26 LayerNorm tensors that
+    were never renamed. Keep the used ones, as the ordinary loader does (seen with 5.24)."""
+    for module in model.modules():
+        conversions = getattr(module, "_weight_conversions", None)
+        if conversions:
+            module._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
 
 
 def _same_param(module: torch.nn.Module, alias: str) -> str:
