@@ -110,7 +110,12 @@ class CheckpointManager:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _write_atomic(self.root / "latest", final.name)
+            # damaged ones passed over at resume (the one just rewritten aside): left in place,
+            # a newer damaged one would outlive the intact ones in the pruning below
+            for name in set(self.skipped) - {final.name}:
+                shutil.rmtree(self.root / name, ignore_errors=True)
             self._prune()
+        self.skipped = {}
         dist.barrier()
         return final
 

@@ -105,3 +105,14 @@ def test_stale_temporary_files_are_removed_at_the_next_start(trained):
     Trainer(load_config(None, [*overrides, "train.resume=true"])).run()
     assert not [p for p in stale if p.exists()]
     assert CheckpointManager(out).latest().name == "step-00000004"
+
+
+def test_damaged_checkpoints_passed_over_do_not_outlive_the_intact_ones(trained):
+    """keep_checkpoints=1 after resuming past a damaged step-4 with saves at step 3: the new
+    checkpoint is the one kept, not the damaged, newer-numbered one."""
+    overrides, out, _ = trained
+    _damage(out / "checkpoints" / "step-00000004" / "optimizer.pt", "truncate")
+    more = ["train.resume=true", "train.save_every=3", "train.keep_checkpoints=1"]
+    Trainer(load_config(None, [*overrides, *more])).run()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003"]
+    assert CheckpointManager(out).latest().name == "step-00000003"

@@ -44,28 +44,39 @@ def _torchrun(out: Path, tiny_bert: Path, glue_dir: Path, row: str, max_restarts
         "DS_ACCELERATOR": "cpu",
     }
     args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.Popen(
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    out.mkdir(parents=True)
+    with open(out / "torchrun.log", "w") as log:  # a file: no pipe to fill while we wait
+        return subprocess.Popen(
+            ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
-def _finish(job: subprocess.Popen, timeout: float) -> str:
-    """The job's output once it exits; a job still running after ``timeout`` s is killed (a hang)."""
-    try:
-        out, _ = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # torchrun starts its workers in sessions of their own: kill them one by one
-        for proc in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+def _kill(job: subprocess.Popen) -> None:
+    """Kill the launcher and its workers (torchrun starts them in sessions of their own)."""
+    with contextlib.suppress(psutil.Error):
+        launcher = psutil.Process(job.pid)
+        for proc in [*launcher.children(recursive=True), launcher]:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        out, _ = job.communicate()
-        pytest.fail(f"the job hung (killed after {timeout:.0f} s):\n{out[-3000:]}")
-    return out
+    job.wait()
+
+
+def _finish(job: subprocess.Popen, out: Path, timeout: float) -> str:
+    """The job's output once it exits; a job still running after ``timeout`` s is killed (a hang)."""
+    try:
+        job.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(job)
+        pytest.fail(f"the job hung (killed after {timeout:.0f} s):\n{_log(out)}")
+    return _log(out)
+
+
+def _log(out: Path) -> str:
+    return (out / "torchrun.log").read_text(errors="replace")[-3000:]
 
 
 def _worker_with_rank(launcher: psutil.Process, rank: str) -> psutil.Process | None:
@@ -80,31 +91,36 @@ def _worker_with_rank(launcher: psutil.Process, rank: str) -> psutil.Process | N
 
 @pytest.mark.parametrize("row", BACKENDS)
 def test_killed_rank_restarts_from_checkpoint_and_matches(row, tiny_bert, glue_dir, tmp_path):
-    straight = _torchrun(tmp_path / "straight", tiny_bert, glue_dir, row, max_restarts=0)
-    out = _finish(straight, 300)
-    assert straight.returncode == 0, out[-3000:]
-
-    faulty_dir = tmp_path / "faulty"
+    # the uninterrupted run alongside (start-up is mostly waiting: cheaper than one after the other)
+    straight_dir, faulty_dir = tmp_path / "straight", tmp_path / "faulty"
+    straight = _torchrun(straight_dir, tiny_bert, glue_dir, row, max_restarts=0)
     job = _torchrun(faulty_dir, tiny_bert, glue_dir, row, max_restarts=1)
-    launcher = psutil.Process(job.pid)
-    deadline = time.monotonic() + 240
-    killed_after = None
-    while time.monotonic() < deadline and job.poll() is None:
-        latest = faulty_dir / "checkpoints" / "latest"
-        if latest.is_file() and latest.read_text().strip() >= f"step-{SAVE_EVERY:08d}":
-            victim = _worker_with_rank(launcher, "1")
-            if victim is not None:
-                killed_after = latest.read_text().strip()
-                os.kill(victim.pid, signal.SIGKILL)
-                break
-        time.sleep(0.01)
-    assert killed_after is not None, "the run finished or stalled before a rank could be killed"
-    out = _finish(job, 180)
-    assert job.returncode == 0, out[-3000:]
+    try:
+        launcher = psutil.Process(job.pid)
+        deadline = time.monotonic() + 240
+        killed_after = None
+        while time.monotonic() < deadline and job.poll() is None:
+            latest = faulty_dir / "checkpoints" / "latest"
+            if latest.is_file() and latest.read_text().strip() >= f"step-{SAVE_EVERY:08d}":
+                victim = _worker_with_rank(launcher, "1")
+                if victim is not None:
+                    killed_after = latest.read_text().strip()
+                    os.kill(victim.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        assert killed_after is not None, "the run finished or stalled before a rank could be killed"
+        out = _finish(job, faulty_dir, 300)
+        assert job.returncode == 0, out
+        straight_out = _finish(straight, straight_dir, 300)
+        assert straight.returncode == 0, straight_out
+    finally:
+        for proc in (job, straight):
+            if proc.poll() is None:
+                _kill(proc)
 
     events = [line for line in (faulty_dir / "metrics.jsonl").read_text().splitlines() if '"resumed"' in line]
-    assert len(events) == 1, f"the restarted job did not resume from a checkpoint:\n{out[-3000:]}"
-    want = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    assert len(events) == 1, f"the restarted job did not resume from a checkpoint:\n{out}"
+    want = load_file(straight_dir / "model" / "model.safetensors")
     got = load_file(faulty_dir / "model" / "model.safetensors")
     assert got.keys() == want.keys()
     for name, value in want.items():
