@@ -110,8 +110,8 @@ class CheckpointManager:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _write_atomic(self.root / "latest", final.name)
-            # damaged ones passed over at resume (the one just rewritten aside): left in place,
-            # a newer damaged one would outlive the intact ones in the pruning below
+            # the damaged ones ``latest`` passed over (bar the one just rewritten) go now: left,
+            # one numbered above the intact checkpoints would outlive them in the pruning below
             for name in set(self.skipped) - {final.name}:
                 shutil.rmtree(self.root / name, ignore_errors=True)
             self._prune()
@@ -225,7 +225,7 @@ def _read_manifest(path: Path) -> tuple[str | None, dict | None]:
         for entry in files.values():
             int(entry["size"]), str(entry["sha256"])
     except FileNotFoundError:
-        return f"no {MANIFEST}: the write did not complete", None
+        return f"no {MANIFEST}: an incomplete copy, or written by a ctscale without manifests", None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is unreadable or damaged", None
     return None, files
