@@ -18,7 +18,9 @@ from ctscale.cli import main
 from ctscale.config import load_config
 from ctscale.trainer import Trainer
 
-from dist_workers import tiny_overrides
+from conftest import ROWS
+from dist_harness import run_world
+from dist_workers import damage_then_resume, tiny_overrides
 
 
 @pytest.fixture
@@ -116,3 +118,17 @@ def test_damaged_checkpoints_passed_over_do_not_outlive_the_intact_ones(trained)
     Trainer(load_config(None, [*overrides, *more])).run()
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003"]
     assert CheckpointManager(out).latest().name == "step-00000003"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("row", "damaged"), [("fsdp", "dcp/__1_0.distcp"), ("zero2", "deepspeed-rank00001.pt")])
+def test_damaged_sharded_checkpoint_at_two_ranks(row, damaged, tiny_bert, glue_dir, tmp_path):
+    """The reported case: one rank's file of the newest FSDP2 / ZeRO-2 checkpoint truncated.
+    Every rank agrees to resume from step 2 and the run ends at the uninterrupted weights."""
+    overrides = tiny_overrides(tiny_bert, glue_dir, tmp_path) + ROWS[row] + ["method.name=ct-f"]
+    complete, resumed = run_world(damage_then_resume, 2, overrides, damaged)[0]
+    assert resumed["steps"] == [2, 3]
+    event = _resumed_event(tmp_path)
+    assert event["from"].endswith("step-00000002") and damaged in event["skipped"]["step-00000004"]
+    for name, want in complete["state"].items():
+        assert torch.equal(resumed["state"][name], want), f"{row}: {name} differs from the uninterrupted run"
