@@ -121,7 +121,9 @@ def test_damaged_checkpoints_passed_over_do_not_outlive_the_intact_ones(trained)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("row", "damaged"), [("fsdp", "dcp/__1_0.distcp"), ("zero2", "deepspeed-rank00001.pt")])
+@pytest.mark.parametrize(
+    ("row", "damaged"), [("fsdp", "dcp/__1_0.distcp"), ("zero2", "deepspeed-rank00001.pt")]
+)
 def test_damaged_sharded_checkpoint_at_two_ranks(row, damaged, tiny_bert, glue_dir, tmp_path):
     """The reported case: one rank's file of the newest FSDP2 / ZeRO-2 checkpoint truncated.
     Every rank agrees to resume from step 2 and the run ends at the uninterrupted weights."""
