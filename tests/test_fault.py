@@ -44,8 +44,8 @@ def _torchrun(out: Path, tiny_bert: Path, glue_dir: Path, row: str, max_restarts
         "DS_ACCELERATOR": "cpu",
     }
     args = [a for o in overrides for a in ("--set", o)]
-    out.mkdir(parents=True)
-    with open(out / "torchrun.log", "w") as log:  # a file: no pipe to fill while we wait
+    # a file beside the run directory (which the job must find as it left it): no pipe to fill
+    with open(out.with_suffix(".log"), "w") as log:
         return subprocess.Popen(
             ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
             env=env,
@@ -76,7 +76,7 @@ def _finish(job: subprocess.Popen, out: Path, timeout: float) -> str:
 
 
 def _log(out: Path) -> str:
-    return (out / "torchrun.log").read_text(errors="replace")[-3000:]
+    return out.with_suffix(".log").read_text(errors="replace")[-3000:]
 
 
 def _worker_with_rank(launcher: psutil.Process, rank: str) -> psutil.Process | None:
