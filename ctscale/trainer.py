@@ -171,6 +171,7 @@ class Trainer:
         """Prepare, build the child network (or resume), train, evaluate, save. Final metrics."""
         self.prepare()
         checkpoints = CheckpointManager(self.out, self.cfg.train.keep_checkpoints)
+        checkpoints.remove_stale()
         resume_from = checkpoints.latest() if self.cfg.train.resume else None
         started = time.perf_counter()
         seconds: dict[str, float] = {}  # per phase of the child network's set-up
@@ -188,7 +189,8 @@ class Trainer:
             start_step = state["step"]
         self._start_run_dir(resumed=resume_from is not None)
         if resume_from is not None:
-            self.log({"event": "resumed", "step": start_step, "from": str(resume_from)})
+            resumed = {"step": start_step, "from": str(resume_from), "skipped": checkpoints.skipped}
+            self.log({"event": "resumed", **resumed})
         self.log(
             {
                 "event": "mask_ready",

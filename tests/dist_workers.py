@@ -128,3 +128,20 @@ def logged_run(rank: int, world_size: int, overrides: list[str]) -> None:
     from ctscale.trainer import Trainer
 
     Trainer(load_config(None, overrides)).run()
+
+
+def damage_then_resume(rank: int, world_size: int, overrides: list[str], damaged: str) -> list[dict]:
+    """A complete run (checkpoints at steps 2 and 4), then ``damaged`` (a path relative to the
+    step-4 checkpoint) truncated by rank 0, then a resumed run: [complete, resumed] attempts."""
+    from pathlib import Path
+
+    from ctscale import dist
+    from ctscale.config import load_config
+
+    complete = train_attempt(rank, world_size, overrides, None)
+    if rank == 0:
+        out = Path(load_config(None, overrides).train.output_dir)
+        file = out / "checkpoints" / "step-00000004" / damaged
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    dist.barrier()
+    return [complete, train_attempt(rank, world_size, [*overrides, "train.resume=true"], None)]

@@ -73,6 +73,10 @@ def _init_distributed() -> torch.device:
     device = dist.default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # the process group comes from ctscale.dist, whose rendezvous survives a torchrun restart
+    # (deepspeed.init_distributed's env:// one hangs in gloo's connect after a killed rank);
+    # DeepSpeed then adopts the initialised group instead of creating its own
+    dist.init_from_env()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return device
 
