@@ -103,12 +103,21 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_classifier(cfg: ModelConfig, task: GlueTask) -> torch.nn.Module:
-    """``AutoModelForSequenceClassification`` for ``task`` (regression head for STS-B)."""
+    """``AutoModelForSequenceClassification`` for ``task`` (regression head for STS-B); the
+    label strings go into the exported config (``id2label``/``label2id``) so that a saved model
+    names its predictions."""
+    labels = {}
+    if task.label_list is not None:
+        labels = {
+            "id2label": dict(enumerate(task.label_list)),
+            "label2id": {label: i for i, label in enumerate(task.label_list)},
+        }
     model = _load(
         AutoModelForSequenceClassification,
         cfg,
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
+        **labels,
     )
     if model.config.pad_token_id is None:  # decoders classify at the last non-pad token
         model.config.pad_token_id = model.config.eos_token_id
