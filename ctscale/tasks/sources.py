@@ -146,7 +146,8 @@ def open_dataset(name: str) -> dict[str, Any]:
     return dict(loaded)
 
 
-def _split(splits: dict[str, Any], dataset: str, split: str, key: str) -> Table:
+def dataset_split(splits: dict[str, Any], dataset: str, split: str, key: str) -> Table:
+    """One split of an opened dataset; a missing or empty one is an error naming ``key``."""
     if split not in splits:
         raise DataError(
             f"{key}={split!r}: dataset {dataset!r} has no such split (splits: {', '.join(splits)}); "
@@ -180,11 +181,11 @@ def train_and_eval(data: DataConfig, seed: int) -> tuple[Table, Table | None]:
     """The training table and the validation table (None when there is no validation data)."""
     if data.dataset:
         splits = open_dataset(data.dataset)
-        train = _split(splits, data.dataset, data.train_split, "data.train_split")
+        train = dataset_split(splits, data.dataset, data.train_split, "data.train_split")
         if data.eval_split:
-            evals: Table | None = _split(splits, data.dataset, data.eval_split, "data.eval_split")
+            evals: Table | None = dataset_split(splits, data.dataset, data.eval_split, "data.eval_split")
         elif data.validation_fraction is None and "validation" in splits:
-            evals = _split(splits, data.dataset, "validation", "data.eval_split")
+            evals = dataset_split(splits, data.dataset, "validation", "data.eval_split")
         else:
             evals = None
     else:
