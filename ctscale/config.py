@@ -503,9 +503,36 @@ def _check_data_files(data: DataConfig, where: str) -> None:
                     f"'chat', but data.task "
                     f"is {data.task!r}{where}; set data.task to one of them or remove data.{key}"
                 )
+    _check_task_keys(data, where)
     if data.task != "jsonl" and data.chat_template:
         raise ConfigError(
             f"data.chat_template applies to data.task 'jsonl' prompts, not to task "
             f"{data.task!r}{where} (data.task chat always uses the chat template); "
             "set data.chat_template=false"
         )
+
+
+# data keys that only some tasks read (GLUE tasks: any name outside FILE_TASKS); a value other
+# than the default under another task would be silently ignored, so it is an error
+_TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "dataset": FILE_TASKS[1:],
+    "train_split": FILE_TASKS[1:],
+    "eval_split": FILE_TASKS[1:],
+    "validation_fraction": FILE_TASKS[1:],
+    "overlong": ("chat",),
+    "text_column": ("classification", "regression", "glue"),  # GLUE: read by `ctscale predict`
+    "text_pair_column": ("classification", "regression", "glue"),
+    "label_column": ("classification", "regression", "glue"),
+}
+
+
+def _check_task_keys(data: DataConfig, where: str) -> None:
+    task = data.task if data.task in FILE_TASKS else "glue"
+    for key, tasks in _TASK_KEYS.items():
+        value = getattr(data, key)
+        if task not in tasks and value != getattr(DataConfig, key):
+            readers = ", ".join("a GLUE task" if t == "glue" else repr(t) for t in tasks)
+            raise ConfigError(
+                f"data.{key}={_show(value)} is read only by data.task {readers}, but data.task is "
+                f"{data.task!r}{where}; remove data.{key} or change data.task"
+            )

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ctscale.config import load_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.tasks import compute_metrics
+from ctscale.tasks.sources import dataset_split
 from ctscale.tasks.tabular import load_tabular, make_task
 from ctscale.trainer import Trainer
 
@@ -245,3 +246,39 @@ def test_config_needs_exactly_one_source():
         load_config(None, ["data.task=rte", "data.dataset=x/y"])
     with pytest.raises(ConfigError, match=r"data.validation_fraction must be null or in \(0, 1\)"):
         load_config(None, ["data.task=chat", "data.train_file=a.jsonl", "data.validation_fraction=1.0"])
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["data.task=jsonl", "data.train_file=a.jsonl", "data.dataset=x/y"],
+            "data.dataset='x/y' is read only by",
+        ),
+        (
+            ["data.task=jsonl", "data.train_file=a.jsonl", "data.validation_fraction=0.1"],
+            "validation_fraction",
+        ),
+        (["data.task=rte", "data.overlong=drop"], "data.overlong='drop' is read only by data.task 'chat'"),
+        (["data.task=chat", "data.train_file=a.jsonl", "data.label_column=y"], "data.label_column='y'"),
+    ],
+)
+def test_keys_another_task_would_ignore_are_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+    load_config(None, ["data.task=rte", "data.text_column=sentence"])  # GLUE: `ctscale predict` reads it
+
+
+def test_dataset_errors_name_the_dataset(tmp_path, tokenizer):
+    offline = load_config(None, ["data.task=classification", "data.dataset=nobody/no-such-dataset"])
+    with pytest.raises(
+        DataError, match=r"data.dataset='nobody/no-such-dataset': could not load it .*save_to_disk"
+    ):
+        load_tabular(offline, tokenizer)
+    empty = {"train": Dataset.from_dict({"text": [], "label": []})}  # (datasets cannot save this)
+    with pytest.raises(DataError, match=r"dataset 'mine' split 'train' \(data.train_split\) holds no rows"):
+        dataset_split(empty, "mine", "train", "data.train_split")
+    (tmp_path / "plain").mkdir()
+    cfg = load_config(None, ["data.task=classification", f"data.dataset={tmp_path / 'plain'}"])
+    with pytest.raises(DataError, match="not a directory written by Dataset.save_to_disk"):
+        load_tabular(cfg, tokenizer)
