@@ -282,3 +282,10 @@ def test_dataset_errors_name_the_dataset(tmp_path, tokenizer):
     cfg = load_config(None, ["data.task=classification", f"data.dataset={tmp_path / 'plain'}"])
     with pytest.raises(DataError, match="not a directory written by Dataset.save_to_disk"):
         load_tabular(cfg, tokenizer)
+
+
+def test_a_checkpoint_whose_head_has_another_size_is_one_error(tiny_bert, tmp_path):
+    train = write_table(tmp_path / "t.csv", review_rows(18))  # 3 classes; tiny_bert's head has 2
+    cfg = table_cfg(train, f"model.name_or_path={tiny_bert}", f"train.output_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=r"classification head whose size is not this task's 3 output\(s\)"):
+        Trainer(cfg).prepare()
