@@ -128,41 +128,42 @@ def evaluate_run(
 def _eval_data(cfg: Config, tokenizer, model, data: str | None, split: str | None):
     """A TaskData whose split ``eval`` is what to score."""
     from ctscale.tasks.causal_lm import JsonlData, encode, load_jsonl
-    from ctscale.tasks.chat import conversations, encode_chat
-    from ctscale.tasks.classification import GlueData
-    from ctscale.tasks.glue import GLUE_TASKS, _canonical, _load_tsv, load_glue_split
+    from ctscale.tasks.chat import _Rows, conversations, encode_chat
+    from ctscale.tasks.classification import GlueData, subsample
+    from ctscale.tasks.glue import _load_tsv, default_glue_dir, get_task, load_glue_split
     from ctscale.tasks.tabular import make_task, to_examples
 
     d = cfg.data
+
+    def limit(examples):
+        """The run's own splits as the run scored them (data.max_eval_samples); --data whole."""
+        return examples if data else subsample(examples, d.max_eval_samples, cfg.train.seed)
+
     if d.task == "jsonl":
         path = data or (d.train_file if split == "train" else d.eval_file)
         if not path:
             raise DataError("the run has no data.eval_file; give --data FILE (or --split train)")
-        tokens = encode(
-            load_jsonl(path, "--data" if data else "data.eval_file"), tokenizer, d.max_length, d.chat_template
-        )
+        raw = load_jsonl(path, "--data" if data else "data.eval_file")
+        tokens = encode(limit(raw), tokenizer, d.max_length, d.chat_template)
         return JsonlData(tokens, {"eval": tokens}, tokenizer.pad_token_id)
     if d.task == "chat":
         table = _eval_table(cfg, data, split)
-        tokens = encode_chat(
-            conversations(table), tokenizer, d.max_length, d.overlong, table.name, table.numbers
-        )
+        rows = limit(_Rows(zip(conversations(table), table.numbers)))
+        convs, numbers = [c for c, _ in rows], [n for _, n in rows]
+        tokens = encode_chat(convs, tokenizer, d.max_length, d.overlong, table.name, numbers)
         return JsonlData(tokens, {"eval": tokens}, tokenizer.pad_token_id)
-    if _canonical(d.task) in GLUE_TASKS:
-        task = GLUE_TASKS[_canonical(d.task)]
+    if d.task not in ("classification", "regression"):  # a GLUE task
+        task = get_task(d.task)
         if data:
             examples = _load_tsv(task, Path(data))
         else:
-            data_dir = d.data_dir
-            if data_dir is None:
-                from ctscale.tasks.glue import default_glue_dir
-
-                data_dir = default_glue_dir()
-            examples = load_glue_split(task, split or task.eval_splits[0], data_dir)
+            data_dir = d.data_dir or default_glue_dir()
+            examples = limit(load_glue_split(task, split or task.eval_splits[0], data_dir))
         return GlueData(task, examples, {"eval": examples}, tokenizer, d.max_length)
-    task = make_task(d.task, _classes(cfg, model), ("eval",))
-    examples = to_examples(_eval_table(cfg, data, split), d, task)
-    return GlueData(task, examples, {"eval": examples}, tokenizer, d.max_length)
+    tabular = make_task(d.task, _classes(cfg, model), ("eval",))
+    examples = to_examples(_eval_table(cfg, data, split), d, tabular)
+    examples = examples if data else limit(examples)
+    return GlueData(tabular, examples, {"eval": examples}, tokenizer, d.max_length)
 
 
 # -- predict -------------------------------------------------------------------------------------

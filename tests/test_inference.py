@@ -120,15 +120,15 @@ def test_glue_run_eval_on_its_split_and_on_a_tsv(tiny_bert, glue_dir, tmp_path, 
     run = tmp_path / "rte"
     sets = [f"model.name_or_path={tiny_bert}", f"data.data_dir={glue_dir}", "data.task=rte"]
     sets += [f"train.output_dir={run}", "train.max_steps=2", "train.batch_size=8", "train.tensorboard=false"]
-    sets += ["data.max_train_samples=32"]
+    sets += ["data.max_train_samples=32", "data.max_eval_samples=6"]
     code, out, _ = cli(capsys, "train", *[a for s in sets for a in ("--set", s)])
     final = last_json(out)["final"]["validation"]
     assert code == 0
     assert last_json(cli(capsys, "eval", "--run", run)[1])["eval"] == pytest.approx(final, abs=1e-9)
-    dev = glue_dir / "RTE" / "dev.tsv"
-    assert last_json(cli(capsys, "eval", "--run", run, "--data", dev)[1])["eval"] == pytest.approx(
-        final, abs=1e-9
-    )
+    dev = glue_dir / "RTE" / "dev.tsv"  # the whole file == the run's split without the limit
+    whole = last_json(cli(capsys, "eval", "--run", run, "--set", "data.max_eval_samples=null")[1])["eval"]
+    assert last_json(cli(capsys, "eval", "--run", run, "--data", dev)[1])["eval"] == whole
+    assert whole != final
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
 
@@ -224,3 +224,32 @@ def test_use_case_configs_load_and_read_their_data(name, tiny_bert, smol_tokeniz
     tok = AutoTokenizer.from_pretrained(smol_tokenizer if cfg.data.task == "chat" else tiny_bert)
     data = load_task_data(cfg, tok)
     assert data.train_size >= 40 and data.eval_splits == ("validation",)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_config_train_eval_predict(tmp_path, capsys, monkeypatch):
+    """configs/chat_smollm2.yaml as shipped (the real SmolLM2-135M-Instruct from its GGUF file),
+    shortened to 2 steps: the README's three commands; eval reproduces the run's last score."""
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "chat"
+    sets = [f"train.output_dir={run}", "train.max_steps=2", "train.batch_size=4", "data.max_train_samples=8"]
+    sets += [
+        "data.max_eval_samples=4",
+        "data.max_length=128",
+        "fisher.num_batches=1",
+        "train.tensorboard=false",
+    ]
+    code, out, _ = cli(
+        capsys, "train", "--config", "configs/chat_smollm2.yaml", *[a for s in sets for a in ("--set", s)]
+    )
+    final = last_json(out)["final"]["validation"]
+    assert code == 0 and math.isfinite(final["loss"])
+    assert last_json(cli(capsys, "eval", "--run", run)[1])["eval"] == pytest.approx(final, rel=1e-5)
+    answers = tmp_path / "answers.jsonl"
+    prompts = "examples/data/chat_prompts.jsonl"
+    code, out, _ = cli(
+        capsys, "predict", "--run", run, "--data", prompts, "--out", answers, "--max-new-tokens", "12"
+    )
+    rows = read_jsonl(answers)
+    assert code == 0 and len(rows) == 3 and all(r["generated"].strip() for r in rows)
+    print(rows)
