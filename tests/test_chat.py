@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict
-from test_causal_lm import smol_tokenizer, write_tiny_decoder  # noqa: F401  (a fixture)
+from test_causal_lm import write_tiny_decoder
 from transformers import AutoTokenizer
 
 from ctscale.config import load_config
@@ -60,7 +60,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(smol_tokenizer):  # noqa: F811
+def tok(smol_tokenizer):
     return AutoTokenizer.from_pretrained(smol_tokenizer)
 
 
@@ -182,7 +182,7 @@ def test_datasets_directory_and_validation_split(tok, tmp_path):
     assert len(data.train) == 6 and len(data.evals["validation"]) == 3
 
 
-def test_chat_sft_trains_a_tiny_decoder(smol_tokenizer, tmp_path):  # noqa: F811
+def test_chat_sft_trains_a_tiny_decoder(smol_tokenizer, tmp_path):
     model_dir = write_tiny_decoder(tmp_path / "llama", smol_tokenizer, "llama")
     train = write_jsonl(tmp_path / "train.jsonl", chat_records(16))
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_causal_lm import smol_tokenizer, write_tiny_decoder  # noqa: F401  (a fixture)
+from test_causal_lm import write_tiny_decoder
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ctscale.cli import main
@@ -133,7 +133,7 @@ def test_glue_run_eval_on_its_split_and_on_a_tsv(tiny_bert, glue_dir, tmp_path, 
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
 
 
-def test_chat_run_eval_and_greedy_generation(smol_tokenizer, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_chat_run_eval_and_greedy_generation(smol_tokenizer, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     model_dir = write_tiny_decoder(tmp_path / "llama", smol_tokenizer, "llama")
     run = tmp_path / "chat"
@@ -214,7 +214,7 @@ def test_eval_reads_a_model_exported_by_a_distributed_run(tiny_bert, tmp_path, c
 @pytest.mark.parametrize(
     "name", ["csv_classification", "csv_classification_fsdp", "chat_smollm2", "chat_smollm2_zero3"]
 )
-def test_use_case_configs_load_and_read_their_data(name, tiny_bert, smol_tokenizer, monkeypatch):  # noqa: F811
+def test_use_case_configs_load_and_read_their_data(name, tiny_bert, smol_tokenizer, monkeypatch):
     from ctscale.backends import check_config
     from ctscale.tasks import load_task_data
 

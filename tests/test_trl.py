@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from test_causal_lm import smol_tokenizer, write_tiny_decoder  # noqa: F401  (a fixture)
+from test_causal_lm import write_tiny_decoder
 from test_chat import chat_records
 from test_hf import GrabAfter, Grabber, full_mask
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +50,7 @@ def sft(model_dir: Path, out: Path, callbacks: list, max_grad_norm: float = 1.0,
 
 
 @pytest.fixture(scope="module")
-def decoder(smol_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
+def decoder(smol_tokenizer, tmp_path_factory) -> Path:
     return write_tiny_decoder(tmp_path_factory.mktemp("llama"), smol_tokenizer, "llama")
 
 
