@@ -238,7 +238,7 @@ def _prompt_ids(cfg: Config, tokenizer, table: Table, i: int, row: dict) -> list
     elif row.get("prompt") is not None:
         if not chat:
             return tokenizer(row["prompt"])["input_ids"]  # as causal_lm.encode: with specials
-        messages = _messages(row["prompt"], table.where(i, "prompt"))
+        messages = _messages(row["prompt"], table.where(i, "prompt"), "user")
     elif isinstance(row.get("text"), str):
         return tokenizer(row["text"])["input_ids"]
     else:

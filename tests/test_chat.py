@@ -145,6 +145,7 @@ def test_truncate_or_drop_long_conversations_with_a_count(tok, caplog):
         ),
         ({"messages": [{"role": "user", "content": "a"}]}, r"row 2, column 'messages': no assistant turn"),
         ({"messages": []}, r"row 2, column 'messages': expected a non-empty list of messages"),
+        ({"messages": "hello"}, r"row 2, column 'messages': expected a non-empty list of messages"),
         (
             {"prompt": "a", "completion": [{"role": "user", "content": "b"}]},
             r"row 2, column 'completion': no assistant turn",

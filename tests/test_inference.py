@@ -229,12 +229,12 @@ def test_use_case_configs_load_and_read_their_data(name, tiny_bert, smol_tokeniz
 @pytest.mark.slow
 def test_smollm2_chat_config_train_eval_predict(tmp_path, capsys, monkeypatch):
     """configs/chat_smollm2.yaml as shipped (the real SmolLM2-135M-Instruct from its GGUF file),
-    shortened to 2 steps: the README's three commands; eval reproduces the run's last score."""
+    shortened to 1 step: the README's three commands; eval reproduces the run's last score."""
     monkeypatch.chdir(REPO)
     run = tmp_path / "chat"
-    sets = [f"train.output_dir={run}", "train.max_steps=2", "train.batch_size=4", "data.max_train_samples=8"]
+    sets = [f"train.output_dir={run}", "train.max_steps=1", "train.batch_size=2", "data.max_train_samples=4"]
     sets += [
-        "data.max_eval_samples=4",
+        "data.max_eval_samples=2",
         "data.max_length=128",
         "fisher.num_batches=1",
         "train.tensorboard=false",
@@ -248,7 +248,7 @@ def test_smollm2_chat_config_train_eval_predict(tmp_path, capsys, monkeypatch):
     answers = tmp_path / "answers.jsonl"
     prompts = "examples/data/chat_prompts.jsonl"
     code, out, _ = cli(
-        capsys, "predict", "--run", run, "--data", prompts, "--out", answers, "--max-new-tokens", "12"
+        capsys, "predict", "--run", run, "--data", prompts, "--out", answers, "--max-new-tokens", "8"
     )
     rows = read_jsonl(answers)
     assert code == 0 and len(rows) == 3 and all(r["generated"].strip() for r in rows)

@@ -50,10 +50,12 @@ class _Rows(list):
         return _Rows(self[i] for i in indices)
 
 
-def _messages(value: object, where: str) -> list[dict[str, str]]:
-    """A checked list of messages; a bad one is an error naming the row, column and message."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+def _messages(value: object, where: str, text_role: str | None = None) -> list[dict[str, str]]:
+    """A checked list of messages; a bad one is an error naming the row, column and message.
+    A plain string is one message of ``text_role`` where the form allows it (TRL's prompt and
+    completion strings)."""
+    if isinstance(value, str) and text_role is not None:
+        return [{"role": text_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: expected a non-empty list of messages, found {value!r}; fix the row")
     out = []
@@ -96,11 +98,8 @@ def conversations(table: Table) -> list[Conversation]:
                     f"{table.name}, row {table.numbers[i]}: no 'messages', and no 'prompt' with a "
                     "'completion'; fix the row"
                 )
-            prompt = _messages(row["prompt"], table.where(i, "prompt"))
-            completion = row["completion"]
-            if isinstance(completion, str):
-                completion = [{"role": "assistant", "content": completion}]
-            completion = _messages(completion, table.where(i, "completion"))
+            prompt = _messages(row["prompt"], table.where(i, "prompt"), "user")
+            completion = _messages(row["completion"], table.where(i, "completion"), "assistant")
             msgs = prompt + completion
             targets = [False] * len(prompt) + [m["role"] == "assistant" for m in completion]
             column = "completion"
