@@ -252,4 +252,3 @@ def test_smollm2_chat_config_train_eval_predict(tmp_path, capsys, monkeypatch):
     )
     rows = read_jsonl(answers)
     assert code == 0 and len(rows) == 3 and all(r["generated"].strip() for r in rows)
-    print(rows)
