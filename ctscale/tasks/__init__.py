@@ -1,4 +1,5 @@
-"""Tasks: GLUE classification/regression and causal-LM JSONL data, behind one protocol."""
+"""Tasks: GLUE, your own classification/regression tables, causal-LM JSONL and chat data,
+behind one protocol."""
 
 from ctscale.config import Config
 from ctscale.tasks.base import TaskData
@@ -34,7 +35,16 @@ __all__ = [
 
 
 def load_task_data(cfg: Config, tokenizer) -> TaskData:
-    """``data.task``: ``jsonl`` (causal LM) or a GLUE task name."""
+    """``data.task``: ``jsonl`` (causal LM), ``chat``, ``classification``/``regression`` (your
+    own table) or a GLUE task name."""
     if cfg.data.task == "jsonl":
         return JsonlData.from_config(cfg, tokenizer)
+    if cfg.data.task == "chat":
+        from ctscale.tasks.chat import load_chat
+
+        return load_chat(cfg, tokenizer)
+    if cfg.data.task in ("classification", "regression"):
+        from ctscale.tasks.tabular import load_tabular
+
+        return load_tabular(cfg, tokenizer)
     return GlueData.from_config(cfg, tokenizer)

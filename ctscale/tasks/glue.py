@@ -33,6 +33,7 @@ class GlueTask:
     is_regression: bool
     metrics: tuple[str, ...]  # "main" is their mean (see ctscale.tasks.metrics)
     eval_splits: tuple[str, ...]
+    headline: tuple[str, ...] | None = None  # the metrics "main" averages; None: all of them
 
     @property
     def num_labels(self) -> int:

@@ -1,4 +1,4 @@
-"""GLUE metrics: accuracy, F1, Matthews, Pearson and Spearman correlation."""
+"""Task metrics: accuracy, F1 (binary, macro), Matthews, Pearson and Spearman correlation."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def _correlation(fn, predictions: np.ndarray, labels: np.ndarray) -> float:
 _METRICS = {
     "accuracy": lambda p, y: float(accuracy_score(y, p)),
     "f1": lambda p, y: float(f1_score(y, p, pos_label=1, zero_division=0.0)),
+    "macro_f1": lambda p, y: float(f1_score(y, p, average="macro", zero_division=0.0)),
     "mcc": lambda p, y: float(matthews_corrcoef(y, p)),
     "pearson": lambda p, y: _correlation(pearsonr, p.astype(float), y.astype(float)),
     "spearman": lambda p, y: _correlation(spearmanr, p.astype(float), y.astype(float)),
@@ -49,7 +50,8 @@ def compute_metrics(task: str | GlueTask, predictions, labels) -> dict[str, floa
     for classification and scores (shape ``(n,)`` or ``(n, 1)``) for regression;
     ``labels`` likewise. ``main`` is the mean of the task's metrics: CoLA mcc,
     STS-B (pearson + spearman) / 2,
-    MRPC and QQP (accuracy + f1) / 2, the others accuracy.
+    MRPC and QQP (accuracy + f1) / 2, the others accuracy; a task with a ``headline`` averages
+    only those (your own classification data: accuracy).
     """
     t = task if isinstance(task, GlueTask) else get_task(task)
     preds, gold = _as_array(predictions), _as_array(labels).reshape(-1)
@@ -63,5 +65,6 @@ def compute_metrics(task: str | GlueTask, predictions, labels) -> dict[str, floa
     if not t.is_regression:
         preds, gold = preds.astype(np.int64), gold.astype(np.int64)
     out = {name: _METRICS[name](preds, gold) for name in t.metrics}
-    out["main"] = sum(out.values()) / len(out)
+    headline = t.headline or t.metrics
+    out["main"] = sum(out[name] for name in headline) / len(headline)
     return out
