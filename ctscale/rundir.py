@@ -6,7 +6,8 @@ verdict, so no rank is left waiting in a collective):
 * a file, or a directory nobody can write in (permissions, read-only filesystem): error;
 * no ``config.yaml``: not a run directory (it may hold a mask from ``ctscale fisher``): use it;
 * ``train.overwrite: true``: the old run's files are removed when the new run starts;
-* a different resolved config (``train.resume`` / ``overwrite`` / ``output_dir`` aside): error;
+* a different resolved config (``train.resume`` / ``overwrite`` / ``output_dir`` aside, and on
+  resume the bookkeeping keys: checkpoint, log, eval and profile frequency): error;
 * ``train.resume: true``: continue from the newest checkpoint (error if the run is finished and
   has none: resuming would only start it again);
 * a finished run (``finished.json``), or an interrupted one with checkpoints: error, naming
@@ -42,6 +43,12 @@ RUN_FILES = (
 )
 # Keys that may differ between the run in a directory and the one continuing or replacing it.
 _SAME_RUN_ANYWAY = {"train.resume", "train.overwrite", "train.output_dir"}
+# Bookkeeping a restart may change without changing what is trained: how often to checkpoint,
+# log and evaluate, how many checkpoints to keep, what to profile.
+_BOOKKEEPING = {
+    *("train.save_every", "train.keep_checkpoints", "train.log_every", "train.tensorboard"),
+    *("train.eval_every_epoch", "train.eval_batch_size", "train.profile_from", "train.profile_steps"),
+}
 
 
 def check_writable(path: Path, what: str = "train.output_dir") -> None:
@@ -75,7 +82,8 @@ def _flat(cfg: Config) -> dict[str, object]:
 
 def _differences(old: Config, new: Config) -> list[str]:
     before, now = _flat(old), _flat(new)
-    keys = sorted(k for k in now if k not in _SAME_RUN_ANYWAY and before.get(k) != now[k])
+    ignored = _SAME_RUN_ANYWAY | (_BOOKKEEPING if new.train.resume else set())
+    keys = sorted(k for k in now if k not in ignored and before.get(k) != now[k])
     return [f"{k}: {before.get(k)!r} there, {now[k]!r} now" for k in keys]
 
 
