@@ -26,7 +26,7 @@ from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
 from ctscale.child_optim import ChildAdamW, ChildMask
 from ctscale.config import Config, load_config, save_config
 from ctscale.errors import ConfigError, DataError
-from ctscale.fisher import FisherAccumulator
+from ctscale.fisher import FisherAccumulator, fisher_mode
 from ctscale.masks import MaskStrategy
 from ctscale.models import load_tokenizer
 from ctscale.profiling import StepProfiler, phase
@@ -134,18 +134,21 @@ class Trainer:
 
     # -- CT-D Fisher pass -------------------------------------------------------------------
     def fisher_pass(self, fisher: FisherAccumulator) -> None:
-        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch)."""
+        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch),
+        with dropout off unless ``fisher.dropout`` (see ``fisher_mode``)."""
         cfg = self.cfg
         batch = cfg.fisher.batch_size or cfg.train.batch_size
         batching.micro_batch_size(batch, cfg.train.grad_accum, self.backend.world_size)
         batches = cfg.fisher.num_batches or self.steps_per_epoch_for(batch)
         self.backend.train_mode(True)
-        for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
-            micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
-            for m, mb in enumerate(micro):
-                self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
-            fisher.add(self.backend.grad_views())
-            self.backend.zero_grad()
+        with fisher_mode(self.backend.unwrapped_model(), cfg.fisher.dropout) as check:
+            for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
+                micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
+                for m, mb in enumerate(micro):
+                    self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
+                check()
+                fisher.add(self.backend.grad_views())
+                self.backend.zero_grad()
 
     # -- training ---------------------------------------------------------------------------
     def run(self) -> dict:
