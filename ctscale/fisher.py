@@ -42,8 +42,11 @@ def candidate_filter(patterns: Sequence[str], exclude: Sequence[str] = ()) -> Ca
 
 
 @contextlib.contextmanager
-def fisher_mode(model: torch.nn.Module, dropout: bool) -> Iterator[Callable[[], None]]:
-    """Run the Fisher pass inside this; it yields ``check``, to call after each batch.
+def fisher_mode(
+    model: torch.nn.Module, dropout: bool
+) -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """Run the Fisher pass inside this; it yields ``model_step``, a context manager to put
+    around the model's forward and backward passes of each batch (not the data loading).
 
     The global RNG is forked: the pass leaves the generators as it found them, so training
     after a Fisher pass draws the same dropout bits as training from a loaded mask.
@@ -52,19 +55,21 @@ def fisher_mode(model: torch.nn.Module, dropout: bool) -> Iterator[Callable[[], 
     attribute whose name contains ``dropout`` (Hugging Face's functional attention and
     activation dropout rates) is set to 0, and restored on exit. Not ``model.eval()``: that
     would also switch off gradient checkpointing (Hugging Face checks ``self.training``) and
-    any other train-only behaviour. ``check`` then raises if the model still drew random numbers
-    (a random layer this does not know, e.g. LayerDrop): that would make the mask depend on
-    how a batch is split over ranks.
+    any other train-only behaviour. ``model_step`` then raises if the model drew random numbers
+    (a random layer this does not know, e.g. LayerDrop): that would make the mask depend on how
+    a batch is split over ranks.
     """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         if dropout:
-            yield lambda: None
+            yield contextlib.nullcontext
             return
         saved = _zero_dropout(model)
-        before = _rng_states()
 
-        def check() -> None:
+        @contextlib.contextmanager
+        def model_step() -> Iterator[None]:
+            before = _rng_states()
+            yield
             if not all(torch.equal(a, b) for a, b in zip(before, _rng_states())):
                 raise CtscaleError(
                     "the model drew random numbers in the Fisher pass although fisher.dropout is "
@@ -74,7 +79,7 @@ def fisher_mode(model: torch.nn.Module, dropout: bool) -> Iterator[Callable[[], 
                 )
 
         try:
-            yield check
+            yield model_step
         finally:
             for module, attr, value in saved:
                 setattr(module, attr, value)

@@ -141,12 +141,12 @@ class Trainer:
         batching.micro_batch_size(batch, cfg.train.grad_accum, self.backend.world_size)
         batches = cfg.fisher.num_batches or self.steps_per_epoch_for(batch)
         self.backend.train_mode(True)
-        with fisher_mode(self.backend.unwrapped_model(), cfg.fisher.dropout) as check:
+        with fisher_mode(self.backend.unwrapped_model(), cfg.fisher.dropout) as model_step:
             for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
                 micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
-                for m, mb in enumerate(micro):
-                    self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
-                check()
+                with model_step():
+                    for m, mb in enumerate(micro):
+                        self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
                 fisher.add(self.backend.grad_views())
                 self.backend.zero_grad()
 

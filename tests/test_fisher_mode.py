@@ -46,10 +46,10 @@ def test_default_is_dropout_off():
 def test_dropout_off_is_deterministic_and_restored():
     model = _bert(0.1)
     before = torch.get_rng_state()
-    with fisher_mode(model, dropout=False) as check:
+    with fisher_mode(model, dropout=False) as model_step:
         assert model.training  # not model.eval(): gradient checkpointing etc. stay as in training
-        losses = [_loss(model), _loss(model)]
-        check()  # no random number drawn
+        with model_step():  # raises if a random number was drawn
+            losses = [_loss(model), _loss(model)]
     assert torch.equal(losses[0], losses[1])
     assert torch.equal(torch.get_rng_state(), before)
     # dropout is back on after the pass, the same rates as before (hidden and attention)
@@ -72,10 +72,10 @@ def test_float_dropout_attributes_are_zeroed_and_restored():
     attn = model.model.layers[0].self_attn
     ids = torch.arange(12).reshape(1, 12)
     before = torch.get_rng_state()
-    with fisher_mode(model, dropout=False) as check:
+    with fisher_mode(model, dropout=False) as model_step:
         assert attn.attention_dropout == 0.0
-        model(input_ids=ids, labels=ids).loss.backward()
-        check()
+        with model_step():
+            model(input_ids=ids, labels=ids).loss.backward()
     assert attn.attention_dropout == 0.2
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -84,9 +84,9 @@ def test_dropout_on_draws_but_leaves_the_rng_as_found():
     """``fisher.dropout=true`` (the reference's estimator): dropout draws, in a forked RNG."""
     model = _bert(0.1)
     before = torch.get_rng_state()
-    with fisher_mode(model, dropout=True) as check:
-        assert not torch.equal(_loss(model), _loss(model))
-        check()  # nothing to check: randomness is what was asked for
+    with fisher_mode(model, dropout=True) as model_step:
+        with model_step():  # nothing to check: randomness is what was asked for
+            assert not torch.equal(_loss(model), _loss(model))
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -99,7 +99,6 @@ class _LayerDrop(torch.nn.Module):
 
 def test_a_random_layer_fisher_mode_does_not_know_is_an_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), _LayerDrop())
-    with fisher_mode(model, dropout=False) as check:
-        model(torch.ones(2, 4)).sum().backward()
-        with pytest.raises(CtscaleError, match="fisher.dropout=true"):
-            check()
+    with fisher_mode(model, dropout=False) as model_step:
+        with pytest.raises(CtscaleError, match="fisher.dropout=true"), model_step():
+            model(torch.ones(2, 4)).sum().backward()
