@@ -348,6 +348,7 @@ class ChildTuningCallback(TrainerCallback):
             "scope": {"candidates": self.candidates, "exclude": self.exclude},
             "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
             "task": "hf-trainer",
+            "fisher_dropout": self.fisher_dropout,
         }
         save_child_network(path, fisher, self.reserve_p, shapes, provenance)
 
