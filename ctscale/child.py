@@ -91,6 +91,7 @@ def estimate_and_save_mask(
         "scope": {"candidates": list(cfg.fisher.candidates), "exclude": list(cfg.fisher.exclude)},
         "model": cfg.model.name_or_path,
         "task": cfg.data.task,
+        "fisher_dropout": cfg.fisher.dropout,
     }
     save_child_network(path, fisher, cfg.method.reserve_p, shapes, provenance, seconds)
     return store.read_info(path)

@@ -117,6 +117,9 @@ class FisherConfig:
     max_grad_norm: float = 1.0  # per-tensor clip before squaring; 0 disables
     candidates: list[str] = field(default_factory=lambda: ["layer"])
     exclude: list[str] = field(default_factory=list)
+    # false: dropout off during the Fisher pass, so the pass draws no random numbers and the
+    # mask does not depend on the world size; true: dropout as in training (the reference)
+    dropout: bool = False
 
 
 @dataclass

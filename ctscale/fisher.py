@@ -8,13 +8,19 @@ norm is of the whole tensor, summed over its shards), square it entry-wise, and 
 batches: ``F = mean_b clip(g_b)**2``. Because ``g_b`` depends only on which examples form
 batch b, not on how they are split over ranks or micro-batches, neither does F (up to the
 floating-point rounding of the reduction).
+
+Dropout: by default (``fisher.dropout: false``) the pass runs with dropout off (``fisher_mode``),
+so ``g_b`` is a deterministic function of the weights and the examples of batch b. With dropout
+on (the reference's choice) every rank draws its own dropout bits for its part of the batch, so
+F, and the mask, would change with the world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -33,6 +39,70 @@ def candidate_filter(patterns: Sequence[str], exclude: Sequence[str] = ()) -> Ca
         return any(p.search(name) for p in include) and not any(p.search(name) for p in skip)
 
     return is_candidate
+
+
+@contextlib.contextmanager
+def fisher_mode(
+    model: torch.nn.Module, dropout: bool
+) -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """Run the Fisher pass inside this; it yields ``model_step``, a context manager to put
+    around the model's forward and backward passes of each batch (not the data loading).
+
+    The global RNG is forked: the pass leaves the generators as it found them, so training
+    after a Fisher pass draws the same dropout bits as training from a loaded mask.
+
+    ``dropout=False``: every ``nn.Dropout``-family module gets ``p = 0`` and every float
+    attribute whose name contains ``dropout`` (Hugging Face's functional attention and
+    activation dropout rates) is set to 0, and restored on exit. Not ``model.eval()``: that
+    would also switch off gradient checkpointing (Hugging Face checks ``self.training``) and
+    any other train-only behaviour. ``model_step`` then raises if the model drew random numbers
+    (a random layer this does not know, e.g. LayerDrop): that would make the mask depend on how
+    a batch is split over ranks.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if dropout:
+            yield contextlib.nullcontext
+            return
+        saved = _zero_dropout(model)
+
+        @contextlib.contextmanager
+        def model_step() -> Iterator[None]:
+            before = _rng_states()
+            yield
+            if not all(torch.equal(a, b) for a, b in zip(before, _rng_states())):
+                raise CtscaleError(
+                    "the model drew random numbers in the Fisher pass although fisher.dropout is "
+                    "false (a random layer other than dropout, e.g. LayerDrop): the CT-D mask "
+                    "would depend on the world size. Switch that layer off in the model config, "
+                    "or set fisher.dropout=true to accept a world-size-dependent mask"
+                )
+
+        try:
+            yield model_step
+        finally:
+            for module, attr, value in saved:
+                setattr(module, attr, value)
+
+
+def _zero_dropout(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, float]]:
+    """Set every dropout rate of ``model`` to 0; returns (module, attribute, old value)."""
+    saved = []
+    for module in model.modules():
+        names = ["p"] if isinstance(module, torch.nn.modules.dropout._DropoutNd) else []
+        names += [n for n, v in vars(module).items() if "dropout" in n and isinstance(v, float)]
+        for name in names:
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, 0.0)
+    return saved
+
+
+def _rng_states() -> list[torch.Tensor]:
+    """The CPU generator's state and the current CUDA device's (if any)."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states.append(torch.cuda.get_rng_state())
+    return states
 
 
 class FisherAccumulator:

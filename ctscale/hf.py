@@ -30,7 +30,9 @@ CT-D uses a fixed child network, from ``mask_file`` (written by ``ctscale fisher
 run) or from a Fisher pass run by the callback before the first step over ``fisher_batches``
 global batches of the Trainer's own training dataloader (default: one epoch), with ctscale's
 estimator (``ctscale.fisher``: per-tensor clip of each global batch's reduced gradient, squares
-averaged; exact distributed top-p). The mask is saved in ``output_dir`` and a resumed run reloads it.
+averaged; exact distributed top-p), with dropout off unless ``fisher_dropout`` (as
+``fisher.dropout``: otherwise the mask depends on the world size). The mask is saved in
+``output_dir`` and a resumed run reloads it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from ctscale import dist
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
 from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
-from ctscale.fisher import FisherAccumulator, candidate_filter
+from ctscale.fisher import FisherAccumulator, candidate_filter, fisher_mode
 from ctscale.masks import GradView, MaskStrategy, RandomChildMask
 
 # prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names
@@ -209,6 +211,8 @@ class ChildTuningCallback(TrainerCallback):
                    Fisher pass. Must fit the model (names and shapes are checked).
     fisher_batches: CT-D Fisher pass length in global batches (default: one epoch).
     fisher_max_grad_norm: per-tensor clip of each batch's gradient before squaring (0: off).
+    fisher_dropout: dropout on during the Fisher pass (the reference's estimator; the mask then
+                   depends on the world size). Default off, as ``ctscale``'s ``fisher.dropout``.
     candidates, exclude: CT-D scope, regexes searched in parameter names (default the
                    transformer blocks, "layer", as the reference).
     mask_out:      where the Fisher pass saves the mask (default ``output_dir/mask.safetensors``
@@ -223,6 +227,7 @@ class ChildTuningCallback(TrainerCallback):
         mask_file: str | os.PathLike | None = None,
         fisher_batches: int | None = None,
         fisher_max_grad_norm: float = 1.0,
+        fisher_dropout: bool = False,
         candidates: Sequence[str] = ("layer",),
         exclude: Sequence[str] = (),
         mask_out: str | os.PathLike | None = None,
@@ -243,6 +248,7 @@ class ChildTuningCallback(TrainerCallback):
         self.mask_file = None if mask_file is None else str(mask_file)
         self.fisher_batches = fisher_batches
         self.fisher_max_grad_norm = fisher_max_grad_norm
+        self.fisher_dropout = fisher_dropout
         self.candidates = list(candidates)
         self.exclude = list(exclude)
         self.mask_out = None if mask_out is None else str(mask_out)
@@ -325,21 +331,24 @@ class ChildTuningCallback(TrainerCallback):
                 f"global batches; lower fisher_batches"
             )
         was_training = model.training
-        model.train()  # as ctscale's Fisher pass: dropout on, as in training
+        model.train()  # as ctscale's Fisher pass: training mode, dropout per fisher_dropout
         micro = iter(loader)
-        for _ in range(batches):
-            for _ in range(accum):
-                batch = next(micro)
-                (model(**batch).loss / accum).backward()  # FSDP2: reduce-scattered here
-            self.shards.reduce_replicas()  # DDP: the average over ranks, as DDP's backward
-            fisher.add(self.shards.grad_views())
-            model.zero_grad(set_to_none=True)
+        with fisher_mode(model, self.fisher_dropout) as model_step:
+            for _ in range(batches):
+                for _ in range(accum):
+                    batch = next(micro)  # a shuffling loader draws random numbers: not in model_step
+                    with model_step():
+                        (model(**batch).loss / accum).backward()  # FSDP2: reduce-scattered here
+                self.shards.reduce_replicas()  # DDP: the average over ranks, as DDP's backward
+                fisher.add(self.shards.grad_views())
+                model.zero_grad(set_to_none=True)
         model.train(was_training)
         provenance = {
             "seed": args.seed,
             "scope": {"candidates": self.candidates, "exclude": self.exclude},
             "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
             "task": "hf-trainer",
+            "fisher_dropout": self.fisher_dropout,
         }
         save_child_network(path, fisher, self.reserve_p, shapes, provenance)
 

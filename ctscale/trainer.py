@@ -27,7 +27,7 @@ from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
 from ctscale.child_optim import ChildAdamW, ChildMask
 from ctscale.config import Config, save_config
 from ctscale.errors import ConfigError, DataError
-from ctscale.fisher import FisherAccumulator
+from ctscale.fisher import FisherAccumulator, fisher_mode
 from ctscale.masks import MaskStrategy
 from ctscale.models import load_tokenizer
 from ctscale.profiling import StepProfiler, phase
@@ -140,7 +140,8 @@ class Trainer:
 
     # -- CT-D Fisher pass -------------------------------------------------------------------
     def fisher_pass(self, fisher: FisherAccumulator) -> None:
-        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch).
+        """Accumulate the Fisher over ``fisher.num_batches`` global batches (default one epoch),
+        with dropout off unless ``fisher.dropout`` (see ``fisher_mode``).
 
         One epoch is its full global batches only: the last ``train_size % batch`` examples are
         not used (the reference's last, partial batch). A partial batch cannot split into
@@ -159,12 +160,14 @@ class Trainer:
                 file=sys.stderr,
             )
         self.backend.train_mode(True)
-        for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
-            micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
-            for m, mb in enumerate(micro):
-                self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
-            fisher.add(self.backend.grad_views(), examples=batch)
-            self.backend.zero_grad()
+        with fisher_mode(self.backend.unwrapped_model(), cfg.fisher.dropout) as model_step:
+            for b in tqdm(range(batches), desc="fisher", disable=not self.is_main, leave=False):
+                micro = list(self.micro_batches(b, batch, cfg.train.grad_accum))
+                with model_step():
+                    for m, mb in enumerate(micro):
+                        self.backend.forward_backward(mb, boundary=m == len(micro) - 1)
+                fisher.add(self.backend.grad_views(), examples=batch)
+                self.backend.zero_grad()
 
     # -- training ---------------------------------------------------------------------------
     def run(self) -> dict:

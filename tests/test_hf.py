@@ -8,7 +8,9 @@ their headers say, and must reach the 1-process weights.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,23 @@ def test_ctd_trains_exactly_the_child_network(one_process, tiny_bert):
     child = torch.cat([(end[n] != start[n])[k] for n, k in mask.items()]).float().mean().item()
     assert child > 0.99  # child entries did train
     assert not torch.equal(end["classifier.weight"], start["classifier.weight"])  # non-candidates train
+
+
+def test_ctd_fisher_pass_runs_without_dropout(tiny_bert, glue_dir, tmp_path):
+    """``fisher_dropout=False`` (the default): the same weights with dropout 0.1 choose the same
+    child network as with dropout 0 (with dropout on, the draws would change the Fisher)."""
+    dropped = tmp_path / "dropout"
+    shutil.copytree(tiny_bert, dropped)
+    config = json.loads((dropped / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (dropped / "config.json").write_text(json.dumps(config))
+    example, masks = _example(), []
+    for model in (tiny_bert, dropped):
+        out = tmp_path / f"run-{model.name}"
+        example.main(example_args(model, glue_dir, out, *CTD, "--max-steps", "1"))
+        masks.append(full_mask(out / "mask.safetensors"))
+    assert masks[0].keys() == masks[1].keys()
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
 # -- (b) CT-F: the first update is ctscale's mask, applied after the Trainer's clipping --------

