@@ -24,10 +24,9 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-from ctscale import dist
+from ctscale import atomic, dist
 from ctscale.backends.base import Backend
 from ctscale.errors import CtscaleError
 
@@ -35,17 +34,6 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 log = logging.getLogger(__name__)
-
-
-def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temp)`` next to ``path``, then ``os.replace``: readers never see a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    replace_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def file_sha256(path: Path) -> str:
@@ -104,12 +92,12 @@ class CheckpointManager:
         backend.save_checkpoint(tmp)
         dist.barrier()  # every rank's files are complete
         if dist.is_main():
-            _write_atomic(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=2))
+            atomic.write_text(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=2))
         self._write_manifest(tmp)
         if dist.is_main():
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _write_atomic(self.root / "latest", final.name)
+            atomic.write_text(self.root / "latest", final.name)
             # the damaged ones ``latest`` passed over (bar the one just rewritten) go now: left,
             # one numbered above the intact checkpoints would outlive them in the pruning below
             for name in set(self.skipped) - {final.name}:
@@ -136,7 +124,7 @@ class CheckpointManager:
         if dist.is_main():
             entries = {f: {"size": size, "sha256": hashes[f]} for f, size in files.items()}
             manifest = {"format_version": MANIFEST_VERSION, "files": entries}
-            _write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
+            atomic.write_text(path / MANIFEST, json.dumps(manifest, indent=1))
 
     def _prune(self) -> None:
         complete = sorted(p for p in self.root.glob("step-*") if (p / STATE_FILE).is_file())

@@ -10,9 +10,7 @@ import copy
 import dataclasses
 import difflib
 import math
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ctscale import atomic
 from ctscale.errors import ConfigError
 
 try:
@@ -409,23 +408,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML atomically (temp file in the same dir + ``os.replace``)."""
+    """Write ``cfg`` as YAML, atomically (``ctscale.atomic``)."""
     path = Path(path)
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: save_config writes YAML; use a .yaml or .yml path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config should be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
 # (requirement shown to the user, check, key paths it applies to)

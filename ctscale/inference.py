@@ -18,14 +18,13 @@ the next assistant turn of a ``messages``/``prompt`` row, or the continuation of
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ctscale import atomic
 from ctscale.config import Config, load_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.tasks.sources import Table, dataset_split, open_dataset, read_file, train_and_eval
@@ -277,16 +276,6 @@ def _generate(cfg: Config, tokenizer, model, table: Table, gen: Generation) -> l
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """All lines or none: a temporary file in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """All lines or none (``ctscale.atomic``)."""
+    with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ctscale import store
+from ctscale import atomic, store
 from ctscale.errors import CtscaleError, MaskError
 from ctscale.store import MaskInfo
 
@@ -265,14 +263,6 @@ def plot_density(info: MaskInfo, png_path: str | Path) -> list[list[float]]:
         fontsize=9,
     )
     fig.colorbar(image, ax=ax, label="selected / total")
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic.replacing(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return matrix

@@ -21,7 +21,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ctscale.checkpoint import replace_atomic
+from ctscale import atomic
 
 PHASES = ("forward_backward", "mask", "optimizer_step")
 
@@ -58,10 +58,11 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"trace-rank{self.rank:05d}.json"
-        replace_atomic(trace, lambda tmp: prof.export_chrome_trace(str(tmp)))
+        with atomic.replacing(trace) as tmp:
+            prof.export_chrome_trace(str(tmp))
         sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=40)
-        replace_atomic(self.out_dir / f"ops-rank{self.rank:05d}.txt", lambda tmp: tmp.write_text(table))
+        atomic.write_text(self.out_dir / f"ops-rank{self.rank:05d}.txt", table)
         return {
             "steps": [self.first, self.first + self.count],
             "trace": str(trace),

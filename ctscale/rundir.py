@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ctscale import dist
+from ctscale import atomic, dist
 from ctscale.config import Config, config_to_dict, load_config
 from ctscale.errors import ConfigError, CtscaleError
 
@@ -166,9 +166,7 @@ def clear_previous(out: Path, keep: set[Path]) -> None:
 
 def mark_finished(out: Path, record: dict) -> None:
     """Write ``finished.json`` atomically (rank 0): the last file of a completed run."""
-    tmp = out / f".{FINISHED_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out / FINISHED_FILE)
+    atomic.write_text(out / FINISHED_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def unmark_finished(out: Path) -> None:

@@ -22,7 +22,7 @@ Format (version 1), one or more safetensors files:
     EVERY rank writes its shard, an empty payload if it holds no pieces, so a complete save is
     always exactly ``world`` files and the index lists them all (a missing one is detectable).
 
-Writes are atomic: temp file in the same directory, then ``os.replace``. A sharded save
+Writes are atomic (``ctscale.atomic``): temp file in the same directory, then ``os.replace``. A sharded save
 replaces files only after every rank's new shard is complete, removes the old index first
 and writes the new index last, so a directory never loads a mix of two saves.
 """
@@ -33,10 +33,8 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ctscale import dist
+from ctscale import atomic, dist
 from ctscale.errors import MaskError
 
 FORMAT_VERSION = 1
@@ -179,12 +177,11 @@ def _write_tmp(target: Path, pieces: list[MaskPiece], metadata: dict) -> dict[st
         digest.update(tensors[k].numpy().data)
     checksum = digest.hexdigest()
     header = dict(format_version=FORMAT_VERSION, metadata=metadata, checksum=checksum, pieces=descs)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = atomic.temp_file(target)
     try:
         safetensors.torch.save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header)})
     except BaseException:
-        os.unlink(tmp)  # leave no temp file behind
+        tmp.unlink(missing_ok=True)  # leave no temp file behind
         raise
     return {"file": target.name, "checksum": checksum, "pieces": descs, "tmp": tmp}
 
@@ -207,7 +204,7 @@ def _save_shard(
     path.mkdir(parents=True, exist_ok=True)
     desc = _write_tmp(path / _shard_name(rank, world), [_checked(p) for p in pieces], metadata or {})
     if commit:
-        os.replace(desc.pop("tmp"), path / desc["file"])
+        atomic.commit(desc.pop("tmp"), path / desc["file"])
     return desc
 
 
@@ -217,14 +214,7 @@ def _write_index(path: str | Path, descriptors: list[dict[str, Any]], metadata: 
     files = [{k: v for k, v in d.items() if k != "tmp"} for d in descriptors]
     _check_cover(p for f in files for p in f["pieces"])
     index = {"format_version": FORMAT_VERSION, "metadata": metadata, "files": files}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{INDEX_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, path / INDEX_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path / INDEX_NAME, json.dumps(index, indent=1))
     keep = {f["file"] for f in files}
     for old in path.iterdir():  # shards of an earlier save at another world size
         if _SHARD_RE.fullmatch(old.name) and old.name not in keep:
@@ -272,13 +262,13 @@ def save_mask(path: str | Path, pieces: Iterable[MaskPiece], metadata: dict) -> 
         raise MaskError(f"{path}: saving the mask failed ({errors[0]}); the previous mask there is unchanged")
     if single:
         if desc is not None:
-            os.replace(desc["tmp"], path)
+            atomic.commit(desc["tmp"], path)
         dist.barrier()
         return
     if r == 0:
         (path / INDEX_NAME).unlink(missing_ok=True)  # until the new index lands, nothing loads
     dist.barrier()
-    os.replace(desc["tmp"], path / desc["file"])
+    atomic.commit(desc["tmp"], path / desc["file"])
     dist.barrier()
     if r == 0:
         _write_index(path, [d for _, d in results], metadata)

@@ -4,6 +4,8 @@ checkpoints (``latest`` moves only after a complete write) and the exported mode
 from __future__ import annotations
 
 import logging
+import os
+import stat
 
 import pytest
 import torch
@@ -80,3 +82,37 @@ def test_latest_pointing_to_a_missing_checkpoint_falls_back_in_one_line(trained,
     assert CheckpointManager(out).latest().name == "step-00000004"
     reports = [r.getMessage() for r in caplog.records if r.name == "ctscale.checkpoint"]
     assert len(reports) == 1 and "step-00000099" in reports[0] and "missing" in reports[0], reports
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_every_written_file_takes_the_umask_mode(tmp_path, umask):
+    """Masks, configs, predictions and plots are as readable as any file the user's umask makes
+    (a group on a shared cluster filesystem), not 0600 as a bare temporary file would be."""
+    from ctscale import atomic
+    from ctscale.config import Config, save_config
+    from ctscale.store import MaskPiece, save_mask
+
+    old = os.umask(umask)
+    try:
+        save_config(Config(), tmp_path / "config.yaml")
+        bits = torch.tensor([True, False, True, True])
+        save_mask(tmp_path / "mask.safetensors", [MaskPiece("w", (4,), 0, 4, bits)], {"method": "ct-d"})
+        save_mask(tmp_path / "mask", [MaskPiece("w", (4,), 0, 4, bits)], {"method": "ct-d"})
+        atomic.write_text(tmp_path / "note.txt", "x")
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 5  # config, single-file mask, shard + index, note
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_a_failed_atomic_write_keeps_the_old_content_and_leaves_no_temporary_file(tmp_path):
+    from ctscale import atomic
+
+    target = tmp_path / "f.txt"
+    atomic.write_text(target, "old")
+    with pytest.raises(Killed), atomic.replacing(target) as tmp:
+        tmp.write_text("half")
+        raise Killed
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]

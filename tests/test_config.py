@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from ctscale import config as C
 from ctscale.config import (
     Config,
     DistributedConfig,
@@ -105,7 +104,9 @@ def test_save_config_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def boom(*_args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(C.os, "replace", boom)
+    from ctscale import atomic  # save_config writes through ctscale.atomic
+
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):
         save_config(load_config(overrides=["train.lr=0.5"]), path)
     assert path.read_text() == before
