@@ -12,7 +12,7 @@ from pathlib import Path
 from ctscale import dist, store
 from ctscale.backends.base import Backend
 from ctscale.config import Config
-from ctscale.errors import MaskError
+from ctscale.errors import ConfigError, MaskError
 from ctscale.fisher import FisherAccumulator, candidate_filter, select_child
 from ctscale.masks import FixedChildMask, MaskStrategy, NoMask, RandomChildMask
 
@@ -133,6 +133,30 @@ def save_child_network(
     with _timed(seconds, "save_mask"):
         store.save_mask(path, pieces, metadata)
         dist.barrier()
+
+
+def check_mask_on_record(cfg: Config) -> None:
+    """``method.mask_file`` must be the child network this config describes: the same p,
+    candidate scope and task as the mask's metadata say it was made with (the model is checked
+    against the mask's names and shapes when it loads). A mismatch is one error naming both
+    values, unless ``train.allow_mask_mismatch``. Reads the mask's header only."""
+    if cfg.method.name != "ct-d" or not cfg.method.mask_file or cfg.train.allow_mask_mismatch:
+        return
+    meta = store.read_info(cfg.method.mask_file).metadata
+    ours = {
+        "method.reserve_p": (meta.get("reserve_p"), cfg.method.reserve_p),
+        "fisher.candidates": ((meta.get("scope") or {}).get("candidates"), list(cfg.fisher.candidates)),
+        "fisher.exclude": ((meta.get("scope") or {}).get("exclude"), list(cfg.fisher.exclude)),
+        "data.task": (meta.get("task"), cfg.data.task),
+    }
+    for key, (recorded, configured) in ours.items():
+        if recorded is not None and recorded != configured:
+            raise ConfigError(
+                f"method.mask_file={cfg.method.mask_file!r} was made with {key}={recorded!r}, this "
+                f"run has {key}={configured!r}: the run would train another child network than its "
+                f"config says; set {key}={recorded!r}, estimate a new mask (ctscale fisher, or no "
+                "mask_file), or set train.allow_mask_mismatch=true to use it anyway"
+            )
 
 
 def load_fixed_mask(path: str | Path, backend: Backend) -> FixedChildMask:

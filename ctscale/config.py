@@ -91,6 +91,7 @@ class TrainConfig:
     tensorboard: bool = True  # scalars under output_dir/tensorboard (rank 0)
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     overwrite: bool = False  # replace the run already in output_dir (finished or another config)
+    allow_mask_mismatch: bool = False  # train with a method.mask_file made with another p/scope/task
     profile_from: int | None = None  # first optimizer step under torch.profiler; None: off
     profile_steps: int = 2  # steps profiled from profile_from; files in output_dir/profile/
 

@@ -23,7 +23,7 @@ from ctscale import batching, dist, rundir
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
 from ctscale.checkpoint import STATE_FILE, CheckpointManager
-from ctscale.child import build_strategy, ctd_mask_path, model_fingerprint
+from ctscale.child import build_strategy, check_mask_on_record, ctd_mask_path, model_fingerprint
 from ctscale.child_optim import ChildAdamW, ChildMask
 from ctscale.config import Config, save_config
 from ctscale.errors import ConfigError, DataError
@@ -82,6 +82,7 @@ class Trainer:
             self._check_output_dir()  # every rank, before anything heavy loads
         else:
             rundir.verdict(lambda: rundir.check_mask_out(self.out, mask_out, cfg))
+        check_mask_on_record(cfg)  # the mask in use is the one the config describes
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = load_task_data(cfg, self.tokenizer)
         self.steps_per_epoch = batching.steps_per_epoch(self.data.train_size, cfg.train.batch_size)

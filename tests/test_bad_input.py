@@ -169,6 +169,21 @@ CASES = [
     ("mask-missing-file", lambda c: ["--mask", str(c["tmp"] / "absent.safetensors")], ["absent.safetensors"]),
     ("mask-future-version", lambda c: ["--mask", str(_mask_variant(c, _future_version))], ["format", "99"]),
     ("mask-other-model-names", lambda c: ["--mask", str(_mask_variant(c, _foreign_names))], ["roberta."]),
+    (
+        "mask-made-with-another-p",
+        lambda c: ["--mask", str(c["run"] / "mask.safetensors"), "--set", "method.reserve_p=0.1"],
+        ["method.reserve_p=0.3", "method.reserve_p=0.1", "allow_mask_mismatch"],
+    ),
+    (
+        "mask-made-with-another-scope",
+        lambda c: ["--mask", str(c["run"] / "mask.safetensors"), "--set", "fisher.candidates=[attention]"],
+        ["fisher.candidates=['layer']", "['attention']"],
+    ),
+    (
+        "mask-made-for-another-task",
+        lambda c: ["--mask", str(c["run"] / "mask.safetensors"), "--set", "data.task=mrpc"],
+        ["data.task='rte'", "'mrpc'"],
+    ),
     ("mask-other-model-shapes", lambda c: ["--mask", str(_other_model_mask(c))], ["shape"]),
     ("mask-truncated", lambda c: ["--mask", str(_truncated(c))], ["truncated"]),
     ("mask-corrupted", lambda c: ["--mask", str(_corrupted(c))], ["checksum"]),
@@ -406,7 +421,25 @@ def test_a_lost_peer_is_one_line_and_other_runtime_errors_are_not_hidden(monkeyp
     monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(func=fail(gloo)))
     assert cli.main([]) == 3
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("ctscale: error: rank 0 lost another rank") and "MAX_RESTARTS" in err
+    assert (
+        err.count("\n") == 0
+        and err.startswith("ctscale: error: rank 0 lost another rank")
+        and "MAX_RESTARTS" in err
+    )
     monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(func=fail("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main([])
+
+
+def test_allow_mask_mismatch_trains_with_a_mask_made_with_another_p(
+    previous_run, tiny_bert, glue_dir, tmp_path
+):
+    argv = [
+        "train",
+        *_base(previous_run, tiny_bert, glue_dir),
+        "--mask",
+        str(previous_run / "mask.safetensors"),
+    ]
+    argv += ["--set", "method.reserve_p=0.1", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    argv += ["--set", "train.allow_mask_mismatch=true"]
+    assert main(argv) == 0
