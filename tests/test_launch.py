@@ -152,3 +152,36 @@ def test_torchrun_fisher_writes_the_single_process_mask(tiny_bert, glue_dir, tmp
 
     a, b = bits(one), bits(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_host_at_once_both_finish_right(tiny_bert, glue_dir, tmp_path, single_process_model):
+    """Two single-node jobs started together with the launcher's defaults (no port, no
+    rendezvous id given): each gets a rendezvous of its own (torchrun --standalone), and each
+    trains what one process trains. With one fixed port and id, the second job joined the
+    first one's rendezvous, or never started."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RDZV_ID")}
+    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    jobs = []
+    for name in ("a", "b"):
+        overrides = tiny_overrides(tiny_bert, glue_dir, tmp_path / name) + [
+            "distributed.backend=ddp",
+            "method.name=ct-d",
+            "train.save_model=true",
+        ]
+        args = [a for o in overrides for a in ("--set", o)]
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed below)
+        cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *args]
+        jobs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in jobs:
+        try:
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    for (proc, _), name in zip(jobs, "ab"):
+        assert proc.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        saved = load_file(tmp_path / name / "model" / "model.safetensors")
+        diff = max((saved[k].float() - single_process_model[k].float()).abs().max().item() for k in saved)
+        assert diff <= 5e-6
