@@ -12,6 +12,7 @@ Every wait is bounded, and the cluster is torn down even when a test fails.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -352,3 +353,47 @@ def test_without_restarts_the_surviving_node_stops_with_a_clear_error(cluster, t
     assert time.monotonic() - started < 120
     errors = [line for line in out0.splitlines() if "ctscale: error:" in line]
     assert len(errors) == 1 and "rank" in errors[0], out0[-3000:]
+
+
+def _squeue_empty(job: str) -> bool:
+    out = cluster_cmd("exec", "node0", "squeue", "-h", "-j", job).stdout
+    return out.strip() == ""
+
+
+def test_slurm_requeue_resumes_from_the_last_checkpoint(cluster, tiny_bert, glue_dir, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit): the
+    template requeues the job, Slurm starts it again, it resumes from its newest checkpoint and
+    ends at the weights of a run that was never interrupted."""
+    if not _has_slurm():
+        pytest.skip("SLURM TEST SKIPPED: slurm-wlm and munge are not installed (.ci/run installs them)")
+    straight = tmp_path / "straight"
+    Trainer(load_config(None, node_loss_overrides(tiny_bert, glue_dir, straight))).run()
+
+    run_dir = tmp_path / "run"
+    args = [a for o in node_loss_overrides(tiny_bert, glue_dir, run_dir) for a in ("--set", o)]
+    log = tmp_path / "job.out"
+    sbatch = ["sbatch", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}", "--open-mode=append"]
+    (out,) = finish(
+        [on_node("node0", [*sbatch, str(REPO / "launch" / "slurm.sbatch"), *args], **NODE_ENV, NPROC="1")], 60
+    )
+    job = out.strip().split()[-1]
+    assert job.isdigit(), out
+    try:
+        deadline = time.monotonic() + 300
+        latest = run_dir / "checkpoints" / "latest"
+        while not (latest.is_file() and latest.read_text().strip() >= "step-00000003"):
+            assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no job log"
+            time.sleep(0.1)
+        assert cluster_cmd("exec", "node0", "scancel", "--signal=USR1", "--batch", job).returncode == 0
+        while not ((run_dir / "finished.json").is_file() and _squeue_empty(job)):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        cluster_cmd("exec", "node0", "scancel", job)
+    text = log.read_text()
+    assert "requeueing job" in text, text[-3000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "resumed" for e in events) == 1, text[-3000:]
+    a = load_file(run_dir / "model" / "model.safetensors")
+    b = load_file(straight / "model" / "model.safetensors")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= WEIGHT_TOLERANCE

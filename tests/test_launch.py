@@ -122,7 +122,10 @@ def test_launchers_run_train_or_fisher(script, command, tmp_path):
     assert proc.returncode == 0, proc.stderr
     args = recorded.read_text().splitlines()
     (at,) = [i for i in range(len(args) - 1) if args[i] in ("-m", "--module") and args[i + 1] == "ctscale"]
-    assert args[at + 2 :] == [command or "train", *tail]
+    # slurm.sbatch turns checkpoints and resume on for training (before the user's arguments)
+    on = ["--set", "train.save_every=500", "--set", "train.resume=true"]
+    checkpoints = on if script == "slurm.sbatch" and command in (None, "train") else []
+    assert args[at + 2 :] == [command or "train", *checkpoints, *tail]
 
 
 # fake srun (test_slurm has the full one): drop srun's options, run the per-node command

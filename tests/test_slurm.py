@@ -46,6 +46,7 @@ def fake_slurm(tmp: Path) -> dict:
         "SLURM_JOB_NODELIST": "node[001]",
         "SLURM_JOB_NUM_NODES": "1",
         "SLURM_JOB_ID": "4242",
+        "SLURM_CPUS_PER_TASK": "3",
         "TMPDIR": str(tmp),
     }
 
@@ -84,8 +85,18 @@ def test_slurm_job_trains_like_one_process(
     # one srun call, one task per node; the per-node command got ctscale's arguments unchanged
     (call,) = (tmp_path / "srun").iterdir()
     args = call.read_text().split("\0")[:-1]
-    assert args[:5] == ["--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
-    assert args[6:] == ["ctscale-node", "train", *(a for o in overrides for a in ("--set", o))]
+    # every task gets the job's cpus (srun no longer inherits --cpus-per-task); checkpoints on and
+    # resume set before the user's arguments, which win
+    assert args[:6] == [
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=3",
+        "--kill-on-bad-exit=1",
+        "bash",
+        "-c",
+    ]
+    checkpoints = ["--set", "train.save_every=500", "--set", "train.resume=true"]
+    assert args[7:] == ["ctscale-node", "train", *checkpoints, *(a for o in overrides for a in ("--set", o))]
     saved = load_file(out / "model" / "model.safetensors")
     assert saved.keys() == single_process_model.keys()
     diff = max((saved[k].float() - single_process_model[k].float()).abs().max().item() for k in saved)
