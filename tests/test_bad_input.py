@@ -234,6 +234,18 @@ CASES = [
     ),
     ("same-config-over-finished-run", lambda c: KEEP, ["holds a finished run", "train.overwrite=true"]),
     ("resume-and-overwrite", lambda c: ["--set", "train.resume=true"], ["train.resume", "train.overwrite"]),
+    (
+        "resume-with-another-p",  # the run's mask was made at 0.3: resuming must not relabel it 0.1
+        lambda c: [
+            "--set",
+            "train.resume=true",
+            "--set",
+            "train.overwrite=false",
+            "--set",
+            "method.reserve_p=0.1",
+        ],
+        ["method.reserve_p: 0.3 there, 0.1 now"],
+    ),
     (  # the model does not exist either: the output_dir error must come first (before any loading)
         "output-dir-is-a-file",
         lambda c: ["--set", f"train.output_dir={_file(c, 'run', '')}", *_no_model(c)],
