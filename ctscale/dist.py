@@ -142,7 +142,12 @@ def _restart_store():
 
 
 # What gloo and NCCL say when the other end of a collective is gone (killed, host lost).
-_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "communicator was aborted")
+_LOST_PEER = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "communicator was aborted",
+)
 
 
 def lost_peer(err: BaseException) -> bool:

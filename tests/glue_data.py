@@ -75,10 +75,21 @@ def _rows(task: str, n: int, rng: random.Random, dev: bool = False) -> list[list
         elif task == "STS-B":
             a, b = _pair(rng, y)
             score = rng.uniform(3.0, 5.0) if y else rng.uniform(0.0, 2.0)
-            rows.append([str(i), "main-news", "MSRpar", "2012test", f"{i:04d}", "none", "none", a, b, f"{score:.3f}"])
+            rows.append(
+                [str(i), "main-news", "MSRpar", "2012test", f"{i:04d}", "none", "none", a, b, f"{score:.3f}"]
+            )
         elif task == "QQP":
             a, b = _pair(rng, y)
-            rows.append([str(i), str(2 * i), str(2 * i + 1), a.replace(" .", " ?"), b.replace(" .", " ?"), str(int(y))])
+            rows.append(
+                [
+                    str(i),
+                    str(2 * i),
+                    str(2 * i + 1),
+                    a.replace(" .", " ?"),
+                    b.replace(" .", " ?"),
+                    str(int(y)),
+                ]
+            )
         elif task == "MNLI":
             gold = rng.choice(("entailment", "neutral", "contradiction"))
             a, b = _pair(rng, gold == "entailment")
