@@ -125,7 +125,7 @@ def cmd_mask_plot(args: argparse.Namespace) -> int:
 
     matrix = plot_density(read_info(args.path), args.out)
     cols = len(matrix[0]) if matrix else 0
-    print(f"wrote {args.out}: density of {len(matrix)} layer(s) x {cols} module type(s)")
+    print(f"wrote {args.out}: density of {len(matrix)} layer(s) x {cols} module(s)")
     return 0
 
 
