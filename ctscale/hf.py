@@ -33,11 +33,20 @@ estimator (``ctscale.fisher``: per-tensor clip of each global batch's reduced gr
 averaged; exact distributed top-p), with dropout off unless ``fisher_dropout`` (as
 ``fisher.dropout``: otherwise the mask depends on the world size). The mask is saved in
 ``output_dir`` and a resumed run reloads it.
+
+LoRA (a PEFT model: trainable ``lora_A``/``lora_B`` adapter tensors): CT-D selects within
+``lora_B`` only, and every ``lora_A`` entry trains. LoRA initialises B to zero, so at the
+Fisher pass the gradient of A (``B^T`` times the output gradient) is exactly zero: a global
+top-p over A and B would keep no entry of A and freeze it for the whole run. The default
+candidates of a PEFT model are therefore ``lora_B``; candidates that match a ``lora_A`` tensor
+are refused with this reason. Any candidate tensor whose Fisher is all zero, in any model, is
+reported in one warning (``ctscale.fisher.select_child``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +62,10 @@ from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
 from ctscale.fisher import FisherAccumulator, candidate_filter, fisher_mode
 from ctscale.masks import GradView, MaskStrategy, RandomChildMask
+
+# PEFT's LoRA adapter tensors: `<base module>.lora_A.<adapter>.weight` (and lora_B)
+LORA_B_CANDIDATES = (r"\.lora_B\.",)
+_LORA_A = re.compile(r"\.lora_(A|embedding_A)\.")
 
 # prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -214,7 +227,8 @@ class ChildTuningCallback(TrainerCallback):
     fisher_dropout: dropout on during the Fisher pass (the reference's estimator; the mask then
                    depends on the world size). Default off, as ``ctscale``'s ``fisher.dropout``.
     candidates, exclude: CT-D scope, regexes searched in parameter names (default the
-                   transformer blocks, "layer", as the reference).
+                   transformer blocks, "layer", as the reference; for a PEFT/LoRA model,
+                   ``lora_B`` only: see the module docstring).
     mask_out:      where the Fisher pass saves the mask (default ``output_dir/mask.safetensors``
                    at world size 1, ``output_dir/mask/`` otherwise).
     """
@@ -228,7 +242,7 @@ class ChildTuningCallback(TrainerCallback):
         fisher_batches: int | None = None,
         fisher_max_grad_norm: float = 1.0,
         fisher_dropout: bool = False,
-        candidates: Sequence[str] = ("layer",),
+        candidates: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         mask_out: str | os.PathLike | None = None,
     ) -> None:
@@ -249,7 +263,7 @@ class ChildTuningCallback(TrainerCallback):
         self.fisher_batches = fisher_batches
         self.fisher_max_grad_norm = fisher_max_grad_norm
         self.fisher_dropout = fisher_dropout
-        self.candidates = list(candidates)
+        self.candidates = None if candidates is None else list(candidates)
         self.exclude = list(exclude)
         self.mask_out = None if mask_out is None else str(mask_out)
         self.strategy: MaskStrategy | None = None
@@ -319,7 +333,8 @@ class ChildTuningCallback(TrainerCallback):
         """CT-D Fisher pass over global batches of ``loader``, exact top-p, mask saved. Collective."""
         assert self.shards is not None
         shapes = self.shards.param_shapes()
-        is_candidate = candidate_filter(self.candidates, self.exclude)
+        scope = self._scope(shapes)
+        is_candidate = candidate_filter(scope, self.exclude)
         candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
         fisher = FisherAccumulator(candidates, self.fisher_max_grad_norm)  # raises if none match
         accum = args.gradient_accumulation_steps
@@ -345,12 +360,32 @@ class ChildTuningCallback(TrainerCallback):
         model.train(was_training)
         provenance = {
             "seed": args.seed,
-            "scope": {"candidates": self.candidates, "exclude": self.exclude},
+            "scope": {"candidates": scope, "exclude": self.exclude},
             "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
             "task": "hf-trainer",
             "fisher_dropout": self.fisher_dropout,
         }
         save_child_network(path, fisher, self.reserve_p, shapes, provenance)
+
+    def _scope(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """The CT-D candidate patterns for this model: ``candidates`` as given, or the default
+        (``lora_B`` in a PEFT model, else "layer"). A LoRA ``lora_A`` tensor among the candidates
+        is a ConfigError: its Fisher is zero at the pass, so top-p would freeze it entirely."""
+        lora = [n for n in shapes if _LORA_A.search(n)]
+        if self.candidates is None:
+            return list(LORA_B_CANDIDATES) if lora else ["layer"]
+        is_candidate = candidate_filter(self.candidates, self.exclude)
+        picked = [n for n in lora if is_candidate(n)]
+        if picked:
+            more = f" (and {len(picked) - 1} more)" if len(picked) > 1 else ""
+            raise ConfigError(
+                f"ChildTuningCallback: CT-D candidates {self.candidates} include the LoRA tensor "
+                f"{picked[0]}{more}. LoRA starts lora_B at zero, so lora_A's gradient and Fisher are "
+                "exactly zero at the Fisher pass and top-p would freeze every lora_A entry for the "
+                "whole run. Leave candidates unset (a PEFT model then selects within lora_B and "
+                "trains lora_A fully), or add exclude=[r'\\.lora_A\\.']"
+            )
+        return list(self.candidates)
 
     # -- every optimizer step -------------------------------------------------------------
     def _apply(self, step: int) -> None:
