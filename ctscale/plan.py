@@ -12,11 +12,12 @@ so the world size is the launcher's ``WORLD_SIZE``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ctscale import batching, dist
+from ctscale import batching, dist, rundir
 from ctscale.config import Config
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -75,6 +76,9 @@ def build_plan(cfg: Config) -> dict[str, Any]:
     t = cfg.train
     world = dist.env_world_size()
     micro = batching.micro_batch_size(t.batch_size, t.grad_accum, world)
+    # the run's own refusal of a finished or different run in output_dir (reads only; the
+    # writability probe, which creates a file, is left to the run)
+    previous = rundir.check_reuse(Path(t.output_dir), cfg)
     check_mask_on_record(cfg)
     data = load_task_data(cfg, load_tokenizer(cfg.model))
     per_epoch = batching.steps_per_epoch(data.train_size, t.batch_size)
@@ -103,7 +107,8 @@ def build_plan(cfg: Config) -> dict[str, Any]:
         "mask": mask_source(cfg, data.train_size),
         "parameters": params,
         "memory_gib_per_rank": memory_estimate(cfg, params, world, zero_stage),
-        "output_dir": t.output_dir,
+        "output_dir": t.output_dir
+        + ("" if not previous else " (resumes the run there)" if t.resume else " (replaces the run there)"),
     }
 
 

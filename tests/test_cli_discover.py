@@ -119,6 +119,11 @@ def test_train_dry_run_prints_the_plan_without_weights_or_writes(
     assert "memory per rank (estimate" in text
     assert not out.exists()  # nothing written
 
+    out.mkdir()
+    (out / "config.yaml").write_text("train:\n  lr: 1.0\n")  # another run lives there
+    assert main(_dry_run_args(tiny_bert, glue_dir, out)) == 2
+    assert "holds another run" in capsys.readouterr().err
+
     monkeypatch.setenv("WORLD_SIZE", "3")  # a batch that does not split: the run's own error
     assert main(_dry_run_args(tiny_bert, glue_dir, out)) == 2
     assert "not divisible by grad_accum x world size" in capsys.readouterr().err
