@@ -64,7 +64,7 @@ from ctscale.fisher import FisherAccumulator, candidate_filter, fisher_mode
 from ctscale.masks import GradView, MaskStrategy, RandomChildMask
 
 # PEFT's LoRA adapter tensors: `<base module>.lora_A.<adapter>.weight` (and lora_B)
-LORA_B_CANDIDATES = (r"\.lora_B\.",)
+LORA_B_CANDIDATES = (r"\.lora_(B|embedding_B)\.",)
 _LORA_A = re.compile(r"\.lora_(A|embedding_A)\.")
 
 # prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names

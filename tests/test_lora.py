@@ -78,7 +78,7 @@ def test_ctd_on_lora_selects_within_lora_b_and_trains_lora_a(tmp_path: Path) -> 
     assert sorted(info.shapes) == lora_b  # lora_A is not a candidate (on main: density 0 here)
     total = sum(before[n].numel() for n in lora_b)
     assert info.total_selected == round(P * total)
-    assert info.metadata["scope"]["candidates"] == [r"\.lora_B\."]
+    assert info.metadata["scope"]["candidates"] == [r"\.lora_(B|embedding_B)\."]
 
     after = state(model)
     wanted = [(n, s, 0, torch.Size(s).numel()) for n, s in info.shapes.items()]
