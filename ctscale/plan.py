@@ -29,16 +29,16 @@ def meta_parameter_count(cfg: Config, data: Any) -> int:
     (``data.task`` holds the labels), a causal LM otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ctscale.models import _loading, resolve_model_path
+    from ctscale.models import _loading, _weights_kwargs, resolve_model_path
 
     path = resolve_model_path(cfg.model.name_or_path)
     task = getattr(data, "task", None)
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(_weights_kwargs(cfg.model, path))  # a GGUF file: its header
     auto = AutoModelForCausalLM
     if task is not None and hasattr(task, "num_labels"):
         auto = AutoModelForSequenceClassification
         problem = "regression" if task.is_regression else "single_label_classification"
-        overrides = {"num_labels": task.num_labels, "problem_type": problem}
+        overrides |= {"num_labels": task.num_labels, "problem_type": problem}
     trust = cfg.model.trust_remote_code
     with _loading("config", cfg.model.name_or_path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **overrides)

