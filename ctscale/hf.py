@@ -56,7 +56,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from ctscale import dist
+from ctscale import dist, store
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
 from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
@@ -308,6 +308,7 @@ class ChildTuningCallback(TrainerCallback):
         strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
         if not any(strategy.is_candidate(n) for n in self.shards.param_shapes()):
             raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
+        _refuse_frozen_lora_a(path)
         return strategy
 
     def _hook_zero_step(self, zero: Any, state) -> None:
@@ -421,3 +422,17 @@ class ChildTuningCallback(TrainerCallback):
 
 def _nothing() -> None:
     return None
+
+
+def _refuse_frozen_lora_a(path: str) -> None:
+    """MaskError for a mask that keeps no entry of a LoRA ``lora_A`` tensor (a top-p over A and
+    B of a fresh adapter, where A's Fisher is zero): training with it would freeze A."""
+    info = store.read_info(path)
+    frozen = sorted(n for n in info.shapes if _LORA_A.search(n) and info.selected[n] == 0)
+    if frozen:
+        more = f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""
+        raise MaskError(
+            f"{path} keeps no entry of the LoRA tensor {frozen[0]}{more}: training with it would "
+            "freeze lora_A (its Fisher was zero because lora_B starts at zero). Make a new mask "
+            "with this callback's default candidates (lora_B only; lora_A trains fully)"
+        )

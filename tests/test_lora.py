@@ -17,7 +17,7 @@ import torch
 
 from ctscale import store
 from ctscale.child import save_child_network
-from ctscale.errors import ConfigError
+from ctscale.errors import ConfigError, MaskError
 from ctscale.fisher import FisherAccumulator
 from ctscale.hf import ChildTuningCallback
 from ctscale.masks import GradView
@@ -130,3 +130,19 @@ def test_all_zero_fisher_tensors_are_one_warning(tmp_path: Path, caplog: pytest.
     assert "2 of 3 candidate tensors" in message
     assert "layer.0.dead, layer.1.unused" in message
     assert "layer.0.w" not in message
+
+
+def test_a_mask_that_freezes_lora_a_is_refused(tmp_path: Path) -> None:
+    """A mask made by a top-p over A and B (as before issue 17) keeps no entry of lora_A."""
+    model = lora_llama()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
+    pieces = []
+    for name, shape in shapes.items():
+        bits = torch.full((torch.Size(shape).numel(),), ".lora_B." in name, dtype=torch.bool)
+        pieces.append(store.MaskPiece(name, shape, 0, bits.numel(), bits))
+    path = tmp_path / "old.safetensors"
+    store.save_mask(path, pieces, {"method": "ct-d"})
+    callback = ChildTuningCallback("ct-d", mask_file=path)
+    args = SimpleNamespace(seed=0, output_dir=str(tmp_path), gradient_accumulation_steps=1)
+    with pytest.raises(MaskError, match=r"keeps no entry of the LoRA tensor .*lora_A.*and 3 more"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0), None, model=model, train_dataloader=[])
