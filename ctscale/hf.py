@@ -39,14 +39,13 @@ LoRA (a PEFT model: trainable ``lora_A``/``lora_B`` adapter tensors): CT-D selec
 Fisher pass the gradient of A (``B^T`` times the output gradient) is exactly zero: a global
 top-p over A and B would keep no entry of A and freeze it for the whole run. The default
 candidates of a PEFT model are therefore ``lora_B``; candidates that match a ``lora_A`` tensor
-are refused with this reason. Any candidate tensor whose Fisher is all zero, in any model, is
-reported in one warning (``ctscale.fisher.select_child``).
+are refused with this reason (``ctscale.lora``). Any candidate tensor whose Fisher is all zero,
+in any model, is reported in one warning (``ctscale.fisher.select_child``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,16 +55,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from ctscale import dist, store
+from ctscale import dist, lora
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
 from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
 from ctscale.fisher import FisherAccumulator, candidate_filter, fisher_mode
 from ctscale.masks import GradView, MaskStrategy, RandomChildMask
-
-# PEFT's LoRA adapter tensors: `<base module>.lora_A.<adapter>.weight` (and lora_B)
-LORA_B_CANDIDATES = (r"\.lora_(B|embedding_B)\.",)
-_LORA_A = re.compile(r"\.lora_(A|embedding_A)\.")
 
 # prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -308,7 +303,7 @@ class ChildTuningCallback(TrainerCallback):
         strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
         if not any(strategy.is_candidate(n) for n in self.shards.param_shapes()):
             raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
-        _refuse_frozen_lora_a(path)
+        lora.refuse_frozen_lora_a(path)
         return strategy
 
     def _hook_zero_step(self, zero: Any, state) -> None:
@@ -334,7 +329,7 @@ class ChildTuningCallback(TrainerCallback):
         """CT-D Fisher pass over global batches of ``loader``, exact top-p, mask saved. Collective."""
         assert self.shards is not None
         shapes = self.shards.param_shapes()
-        scope = self._scope(shapes)
+        scope = lora.ctd_scope(self.candidates, self.exclude, shapes)
         is_candidate = candidate_filter(scope, self.exclude)
         candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
         fisher = FisherAccumulator(candidates, self.fisher_max_grad_norm)  # raises if none match
@@ -367,26 +362,6 @@ class ChildTuningCallback(TrainerCallback):
             "fisher_dropout": self.fisher_dropout,
         }
         save_child_network(path, fisher, self.reserve_p, shapes, provenance)
-
-    def _scope(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-        """The CT-D candidate patterns for this model: ``candidates`` as given, or the default
-        (``lora_B`` in a PEFT model, else "layer"). A LoRA ``lora_A`` tensor among the candidates
-        is a ConfigError: its Fisher is zero at the pass, so top-p would freeze it entirely."""
-        lora = [n for n in shapes if _LORA_A.search(n)]
-        if self.candidates is None:
-            return list(LORA_B_CANDIDATES) if lora else ["layer"]
-        is_candidate = candidate_filter(self.candidates, self.exclude)
-        picked = [n for n in lora if is_candidate(n)]
-        if picked:
-            more = f" (and {len(picked) - 1} more)" if len(picked) > 1 else ""
-            raise ConfigError(
-                f"ChildTuningCallback: CT-D candidates {self.candidates} include the LoRA tensor "
-                f"{picked[0]}{more}. LoRA starts lora_B at zero, so lora_A's gradient and Fisher are "
-                "exactly zero at the Fisher pass and top-p would freeze every lora_A entry for the "
-                "whole run. Leave candidates unset (a PEFT model then selects within lora_B and "
-                "trains lora_A fully), or add exclude=[r'\\.lora_A\\.']"
-            )
-        return list(self.candidates)
 
     # -- every optimizer step -------------------------------------------------------------
     def _apply(self, step: int) -> None:
@@ -422,17 +397,3 @@ class ChildTuningCallback(TrainerCallback):
 
 def _nothing() -> None:
     return None
-
-
-def _refuse_frozen_lora_a(path: str) -> None:
-    """MaskError for a mask that keeps no entry of a LoRA ``lora_A`` tensor (a top-p over A and
-    B of a fresh adapter, where A's Fisher is zero): training with it would freeze A."""
-    info = store.read_info(path)
-    frozen = sorted(n for n in info.shapes if _LORA_A.search(n) and info.selected[n] == 0)
-    if frozen:
-        more = f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""
-        raise MaskError(
-            f"{path} keeps no entry of the LoRA tensor {frozen[0]}{more}: training with it would "
-            "freeze lora_A (its Fisher was zero because lora_B starts at zero). Make a new mask "
-            "with this callback's default candidates (lora_B only; lora_A trains fully)"
-        )
