@@ -109,7 +109,7 @@ def save_child_network(
     a CT-D mask; ``provenance`` (seed, scope, model, task) goes into its metadata. Collective."""
     candidates, total = fisher.shapes, fisher.total_entries()
     with _timed(seconds, "select"):
-        masks = select_child(fisher.scores(), total, reserve_p)
+        masks = select_child(fisher.scores(), total, reserve_p, sorted(candidates))
     pieces = [
         store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits.cpu())
         for (name, start), bits in masks.items()

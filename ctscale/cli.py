@@ -2,7 +2,10 @@
 
 Usage (one process; the same commands run under torchrun / deepspeed, see launch/):
 
+    ctscale --version
+    ctscale config show [--config CONFIG] [--set ...]        # the resolved config, defaults filled in
     ctscale train --config configs/rte_minilm_ctd.yaml [--set train.lr=2e-5 ...] [--mask FILE]
+    ctscale train --config CONFIG --dry-run                  # check, resolve, print the plan; no weights
     ctscale fisher --config CONFIG [--set ...] --out runs/rte/mask.safetensors
     ctscale mask info [-v] [--model NAME_OR_PATH [--task TASK]] FILE_OR_DIR
     ctscale mask overlap A B [C ...] [--json]
@@ -39,6 +42,13 @@ def _run_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
+    if args.dry_run:
+        from ctscale.plan import build_plan, format_plan
+
+        plan = format_plan(build_plan(cfg))
+        if dist.rank_from_env() == 0:  # under a launcher every process plans; one prints
+            print("\n".join(plan))
+        return 0
     from ctscale.trainer import Trainer
 
     metrics = Trainer(cfg).run()
@@ -65,6 +75,29 @@ def cmd_fisher(args: argparse.Namespace) -> int:
     if dist.is_main():
         print(f"wrote {out}: {info.total_selected} of {info.total_entries} candidate entries selected")
     return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The config a run would use (file + --set + defaults), validated, as YAML on stdout."""
+    import yaml
+
+    from ctscale.backends import check_config
+    from ctscale.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, list(args.set or []))
+    check_config(cfg)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, as pip installed it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctscale")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed; pip install -e .)"
 
 
 def cmd_mask_info(args: argparse.Namespace) -> int:
@@ -125,7 +158,7 @@ def cmd_mask_plot(args: argparse.Namespace) -> int:
 
     matrix = plot_density(read_info(args.path), args.out)
     cols = len(matrix[0]) if matrix else 0
-    print(f"wrote {args.out}: density of {len(matrix)} layer(s) x {cols} module type(s)")
+    print(f"wrote {args.out}: density of {len(matrix)} layer(s) x {cols} module(s)")
     return 0
 
 
@@ -172,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctscale", description="Child-Tuning at distributed scale")
     # the deepspeed launcher passes --local_rank=N to every process; the env has it too
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"ctscale {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -181,7 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune (vanilla, ct-f or ct-d)")
     with_config(train)
     train.add_argument("--mask", help="CT-D mask file or directory to train with (skips the Fisher pass)")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and resolve the config, read tokenizer and data, print the plan (backend, world "
+        "size, batches, steps, mask source, parameters, memory estimate); loads no weights, writes nothing",
+    )
     train.set_defaults(func=cmd_train)
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config (file, --set, defaults) as YAML")
+    with_config(show)
+    show.set_defaults(func=cmd_config_show)
 
     fisher = sub.add_parser("fisher", help="estimate Fisher information and write a CT-D mask")
     with_config(fisher)

@@ -264,18 +264,56 @@ def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
     return value
 
 
+# Hugging Face TrainingArguments (and a few common script flags) -> the ctscale key that does
+# the same job, so `learning_rate: 2e-5` or `--set train.learning_rate=2e-5` says where it lives.
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "lr": "train.lr",
+    "per_device_train_batch_size": "train.batch_size (GLOBAL here: all ranks x micro-batches)",
+    "train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size (global here)",
+    "num_train_epochs": "train.epochs",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "output_dir": "train.output_dir",
+    "seed": "train.seed",
+    "bf16": "train.bf16",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_checkpoints",
+    "logging_steps": "train.log_every",
+    "resume_from_checkpoint": "train.resume",
+    "overwrite_output_dir": "train.overwrite",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "model_name_or_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "task_name": "data.task",
+    "max_seq_length": "data.max_length",
+    "deepspeed": "distributed.deepspeed_config",
+}
+
+
+def _hf_hint(key: str) -> str:
+    """'; did you mean train.lr?' for a Hugging Face argument name, else ''."""
+    home = HF_NAMES.get(key.lower().replace("-", "_"))
+    return f"; did you mean {home}? ({key} is a Hugging Face TrainingArguments name)" if home else ""
+
+
 def _check_key(section: str, key: str | None, where: str) -> None:
     """Raise for an unknown section, or (``key`` given) an unknown key in a section."""
     if section not in SECTIONS:
         raise ConfigError(
             f"unknown section '{section}'{where}; valid sections: {', '.join(SECTIONS)}"
-            + _suggest(section, list(SECTIONS))
+            + (_hf_hint(section) or _suggest(section, list(SECTIONS)))
         )
     keys = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if key is not None and key not in keys:
         # prefer a near match in this section; else the key's home in another section
         home = {f.name: s for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
-        hint = _suggest(key, keys, f"{section}.")
+        hint = _hf_hint(key) or _suggest(key, keys, f"{section}.")
         if not hint and (other := difflib.get_close_matches(key, list(home), n=1)):
             hint = f"; did you mean '{home[other[0]]}.{other[0]}'?"
         raise ConfigError(
@@ -326,7 +364,7 @@ def apply_overrides(cfg_dict: dict, overrides: Sequence[str]) -> dict:
         if not sep or len(parts) != 2 or not all(parts):
             raise ConfigError(
                 f"bad override --set {item!r}: expected SECTION.KEY=VALUE, "
-                "e.g. --set train.lr=2e-5 or --set fisher.candidates=[layer,attn]"
+                "e.g. --set train.lr=2e-5 or --set fisher.candidates=[layer,attn]" + _hf_hint(parts[-1])
             )
         where = f" in --set {item}"
         _check_key(parts[0], parts[1], where)

@@ -18,6 +18,7 @@ F, and the mask, would change with the world size.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,8 @@ from ctscale import dist
 from ctscale.errors import CtscaleError, MaskError
 from ctscale.masks.base import GradView
 from ctscale.select import Key, select_top_k
+
+log = logging.getLogger(__name__)
 
 
 def candidate_filter(patterns: Sequence[str], exclude: Sequence[str] = ()) -> Callable[[str], bool]:
@@ -199,12 +202,43 @@ class FisherAccumulator:
         return sum(math.prod(s) for s in self.shapes.values())
 
 
-def select_child(scores: dict[Key, torch.Tensor], total: int, reserve_p: float) -> dict[Key, torch.Tensor]:
-    """Local masks of the global top ``k = round(p * total)`` Fisher entries. Collective."""
+def select_child(
+    scores: dict[Key, torch.Tensor], total: int, reserve_p: float, names: Sequence[str] | None = None
+) -> dict[Key, torch.Tensor]:
+    """Local masks of the global top ``k = round(p * total)`` Fisher entries. Collective.
+
+    ``names``: every candidate tensor (the same list on every rank); those whose Fisher is zero
+    in every entry are reported in one warning (``zero_fisher_tensors``), since top-p can only
+    pick them to fill ties: in practice they are frozen for the whole run."""
     k = round(reserve_p * total)
     if k < 1:
         raise MaskError(
             f"method.reserve_p={reserve_p} keeps round(p * {total}) = 0 of the candidate "
             "entries; raise reserve_p or widen fisher.candidates"
         )
+    if names is not None:
+        zero = zero_fisher_tensors(scores, names)
+        if zero and dist.rank() == 0:
+            shown = ", ".join(zero[:5]) + (f" (and {len(zero) - 5} more)" if len(zero) > 5 else "")
+            log.warning(
+                "fisher: %d of %d candidate tensors have an all-zero Fisher (zero gradient in every "
+                "batch of the pass), so CT-D keeps none of their entries and they stay frozen: %s. "
+                "Causes: a LoRA lora_A (lora_B starts at zero), frozen or unused parameters; leave "
+                "them out of fisher.candidates (or exclude them) if they should train",
+                len(zero),
+                len(names),
+                shown,
+            )
     return select_top_k(scores, k)
+
+
+def zero_fisher_tensors(scores: dict[Key, torch.Tensor], names: Sequence[str]) -> list[str]:
+    """The ``names`` whose Fisher is 0 in every entry on every rank (a tensor no rank holds a
+    score for counts as zero). Collective: one all-reduce of one float per name."""
+    index = {n: i for i, n in enumerate(names)}
+    nonzero = torch.zeros(len(names), dtype=torch.float64)
+    for (name, _), value in scores.items():
+        if name in index and value.numel() and bool(value.ne(0).any()):
+            nonzero[index[name]] = 1.0
+    dist.all_reduce_sum_(nonzero)
+    return [n for n, i in index.items() if nonzero[i] == 0]

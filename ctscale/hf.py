@@ -33,6 +33,14 @@ estimator (``ctscale.fisher``: per-tensor clip of each global batch's reduced gr
 averaged; exact distributed top-p), with dropout off unless ``fisher_dropout`` (as
 ``fisher.dropout``: otherwise the mask depends on the world size). The mask is saved in
 ``output_dir`` and a resumed run reloads it.
+
+LoRA (a PEFT model: trainable ``lora_A``/``lora_B`` adapter tensors): CT-D selects within
+``lora_B`` only, and every ``lora_A`` entry trains. LoRA initialises B to zero, so at the
+Fisher pass the gradient of A (``B^T`` times the output gradient) is exactly zero: a global
+top-p over A and B would keep no entry of A and freeze it for the whole run. The default
+candidates of a PEFT model are therefore ``lora_B``; candidates that match a ``lora_A`` tensor
+are refused with this reason (``ctscale.lora``). Any candidate tensor whose Fisher is all zero,
+in any model, is reported in one warning (``ctscale.fisher.select_child``).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from ctscale import dist
+from ctscale import dist, lora
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
 from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
@@ -214,7 +222,8 @@ class ChildTuningCallback(TrainerCallback):
     fisher_dropout: dropout on during the Fisher pass (the reference's estimator; the mask then
                    depends on the world size). Default off, as ``ctscale``'s ``fisher.dropout``.
     candidates, exclude: CT-D scope, regexes searched in parameter names (default the
-                   transformer blocks, "layer", as the reference).
+                   transformer blocks, "layer", as the reference; for a PEFT/LoRA model,
+                   ``lora_B`` only: see the module docstring).
     mask_out:      where the Fisher pass saves the mask (default ``output_dir/mask.safetensors``
                    at world size 1, ``output_dir/mask/`` otherwise).
     """
@@ -228,7 +237,7 @@ class ChildTuningCallback(TrainerCallback):
         fisher_batches: int | None = None,
         fisher_max_grad_norm: float = 1.0,
         fisher_dropout: bool = False,
-        candidates: Sequence[str] = ("layer",),
+        candidates: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         mask_out: str | os.PathLike | None = None,
     ) -> None:
@@ -249,7 +258,7 @@ class ChildTuningCallback(TrainerCallback):
         self.fisher_batches = fisher_batches
         self.fisher_max_grad_norm = fisher_max_grad_norm
         self.fisher_dropout = fisher_dropout
-        self.candidates = list(candidates)
+        self.candidates = None if candidates is None else list(candidates)
         self.exclude = list(exclude)
         self.mask_out = None if mask_out is None else str(mask_out)
         self.strategy: MaskStrategy | None = None
@@ -294,6 +303,7 @@ class ChildTuningCallback(TrainerCallback):
         strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
         if not any(strategy.is_candidate(n) for n in self.shards.param_shapes()):
             raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
+        lora.refuse_frozen_lora_a(path)
         return strategy
 
     def _hook_zero_step(self, zero: Any, state) -> None:
@@ -319,7 +329,8 @@ class ChildTuningCallback(TrainerCallback):
         """CT-D Fisher pass over global batches of ``loader``, exact top-p, mask saved. Collective."""
         assert self.shards is not None
         shapes = self.shards.param_shapes()
-        is_candidate = candidate_filter(self.candidates, self.exclude)
+        scope = lora.ctd_scope(self.candidates, self.exclude, shapes)
+        is_candidate = candidate_filter(scope, self.exclude)
         candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
         fisher = FisherAccumulator(candidates, self.fisher_max_grad_norm)  # raises if none match
         accum = args.gradient_accumulation_steps
@@ -345,7 +356,7 @@ class ChildTuningCallback(TrainerCallback):
         model.train(was_training)
         provenance = {
             "seed": args.seed,
-            "scope": {"candidates": self.candidates, "exclude": self.exclude},
+            "scope": {"candidates": scope, "exclude": self.exclude},
             "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
             "task": "hf-trainer",
             "fisher_dropout": self.fisher_dropout,

@@ -2,7 +2,7 @@
 
 Usage:
 
-    ctscale mask info [-v] runs/rte/mask.safetensors      # counts, density per layer x module type
+    ctscale mask info [-v] runs/rte/mask.safetensors      # counts, density per layer x module
     ctscale mask overlap runs/rte/mask.safetensors runs/mrpc/mask [--json]
     ctscale mask plot runs/rte/mask.safetensors --out density.png
 
@@ -46,23 +46,57 @@ MODULE_TYPES: list[tuple[str, str]] = [
 ]
 _MODULE_RES = [(re.compile(p), t) for p, t in MODULE_TYPES]
 _ORDER = ["query", "key", "value", "qkv", "attn_out", "ffn_gate", "ffn_in", "ffn_out", "norm"]
-DPI = 100  # plot size in pixels: width 240 + 80 per module type, height 200 + 40 per layer
+DPI = 100  # plot size in pixels: width 240 + 80 per module, height 200 + 40 per layer
+
+
+# PEFT adapter tensors: `<base module>.lora_A.<adapter name>` (lora_B, lora_embedding_A/B, ...)
+_ADAPTER_RE = re.compile(r"\.(lora_[A-Za-z_]+)\.[^.]+$")
 
 
 def layer_and_module(name: str) -> tuple[int | None, str]:
-    """(layer index or None, module type) of a canonical HF parameter name.
+    """(layer index or None, module path) of a canonical HF parameter name.
 
     The layer index is the integer after the first ``layer.``/``layers.``/``h.``/``block(s).``
-    (None for embeddings, pooler, head). The module type is the first ``MODULE_TYPES`` match on
-    the module path, biases folded into their module; else the last module name.
+    (None for embeddings, pooler, head). The module path is the model's own name for the
+    module: what follows the layer index (the whole name outside layers), without
+    ``.weight``/``.bias`` (biases fold into their module) and, for a PEFT adapter tensor,
+    without the adapter's name: ``self_attn.q_proj.lora_B.default.weight`` -> ``self_attn.q_proj.lora_B``.
+    ``density_table`` shortens these to the shortest unambiguous suffix (``q_proj``, ``up_proj``).
     """
     match = _LAYER_RE.search(name)
     path = name[match.end() :] if match else name
     path = re.sub(r"\.(weight|bias)$", "", path) or name
+    path = _ADAPTER_RE.sub(r".\1", path)
+    return (int(match.group(1)) if match else None), path
+
+
+def module_type(path: str) -> str:
+    """ctscale's normalised type of a module path (``query``, ``attn_out``, ``ffn_in``, ``norm``,
+    ...; the first ``MODULE_TYPES`` match, else the last component): orders the table's columns
+    so that every model reads query, key, value, attention output, FFN, norm from left to right."""
+    base = re.sub(r"\.lora_[A-Za-z_]+$", "", path)
     for pattern, kind in _MODULE_RES:
-        if pattern.search(path):
-            return (int(match.group(1)) if match else None), kind
-    return (int(match.group(1)) if match else None), path.rsplit(".", 1)[-1]
+        if pattern.search(base):
+            return kind
+    return base.rsplit(".", 1)[-1]
+
+
+def short_names(paths: Sequence[str]) -> dict[str, str]:
+    """Each distinct module path -> its shortest suffix (whole dotted components) that no other
+    path shares at that length, else the path itself: BERT's ``attention.self.query`` ->
+    ``query``, but ``attention.output.dense`` and ``output.dense`` stay apart; Llama's
+    ``self_attn.q_proj.lora_B`` -> ``q_proj.lora_B``. Distinct paths get distinct labels."""
+    split = {p: p.split(".") for p in set(paths)}
+    out = {}
+    for path, parts in split.items():
+        others = [q for other, q in split.items() if other != path]
+        for n in range(1, len(parts) + 1):
+            if all(q[-n:] != parts[-n:] for q in others):
+                out[path] = ".".join(parts[-n:])
+                break
+        else:
+            out[path] = path
+    return out
 
 
 def density(selected: int, total: int) -> float:
@@ -71,26 +105,41 @@ def density(selected: int, total: int) -> float:
 
 
 def density_table(info: MaskInfo) -> dict[str, Any]:
-    """Selected and total entries per layer x module type, from the header counts (no payload).
+    """Selected and total entries per layer x module, from the header counts (no payload).
 
-    Returns ``{"layers": [0, 1, .., None], "modules": [...], "cells": {layer: {module:
-    (selected, total)}}, "by_layer": {layer: (s, t)}, "by_module": {module: (s, t)},
-    "selected": s, "total": t}``; layer None ("other") sorts last, modules in ``_ORDER``.
+    Modules carry the model's own names (``short_names`` of ``layer_and_module``'s paths), in
+    ``_ORDER`` of their ``module_type`` and then by name. Returns ``{"layers": [0, 1, .., None],
+    "modules": [...], "cells": {layer: {module: (selected, total)}}, "by_layer": {layer: (s, t)},
+    "by_module": {module: (s, t)}, "vector_modules": [modules whose tensors are all 1-D: norms,
+    biases], "selected": s, "total": t}``; layer None ("other") sorts last.
     """
+    located = {name: layer_and_module(name) for name in info.shapes}
+    label = short_names([path for _, path in located.values()])
     cells: dict[int | None, dict[str, tuple[int, int]]] = {}
     by_layer: dict[int | None, tuple[int, int]] = {}
     by_module: dict[str, tuple[int, int]] = {}
+    kinds: dict[str, str] = {}
+    matrices: set[str] = set()
     for name, shape in info.shapes.items():
-        layer, module = layer_and_module(name)
+        layer, path = located[name]
+        module = label[path]
+        kinds[module] = module_type(path)
+        if len(shape) > 1:
+            matrices.add(module)
         s, t = info.selected[name], math.prod(shape)
         row = cells.setdefault(layer, {})
         for table, key in ((row, module), (by_layer, layer), (by_module, module)):
             old = table.get(key, (0, 0))
             table[key] = (old[0] + s, old[1] + t)
     layers = sorted(cells, key=lambda x: (x is None, x or 0))
-    modules = sorted(by_module, key=lambda m: (_ORDER.index(m) if m in _ORDER else len(_ORDER), m))
+
+    def order(m: str) -> tuple[int, str]:
+        return (_ORDER.index(kinds[m]) if kinds[m] in _ORDER else len(_ORDER), m)
+
+    modules = sorted(by_module, key=order)
+    vectors = [m for m in modules if m not in matrices]
     table = dict(layers=layers, modules=modules, cells=cells, by_layer=by_layer, by_module=by_module)
-    return table | dict(selected=info.total_selected, total=info.total_entries)
+    return table | dict(vector_modules=vectors, selected=info.total_selected, total=info.total_entries)
 
 
 def density_matrix(table: dict[str, Any]) -> list[list[float]]:
@@ -102,20 +151,21 @@ def density_matrix(table: dict[str, Any]) -> list[list[float]]:
 
 
 def format_table(table: dict[str, Any]) -> list[str]:
-    """Text lines: density per layer x module type, an "all" column and row, counts per type."""
+    """Text lines: density per layer x module, an "all" column and row, counts per module."""
     mods = table["modules"]
-    width = max([8, *map(len, mods)]) + 1
+    widths = [max(7, len(m)) + 1 for m in [*mods, "all"]]  # one width per column: long names stay local
 
     def cells(values: Sequence[float]) -> str:
-        return "".join(("-" if math.isnan(v) else f"{v:.4f}").rjust(width) for v in values)
+        return "".join(("-" if math.isnan(v) else f"{v:.4f}").rjust(w) for v, w in zip(values, widths))
 
-    lines = ["layer".rjust(6) + "".join(m.rjust(width) for m in mods) + "all".rjust(width)]
+    lines = ["layer".rjust(6) + "".join(m.rjust(w) for m, w in zip([*mods, "all"], widths))]
     for layer, row in zip(table["layers"], density_matrix(table)):
         label = "other" if layer is None else str(layer)
         lines.append(label.rjust(6) + cells([*row, density(*table["by_layer"][layer])]))
     totals = [density(*table["by_module"][m]) for m in mods]
     lines.append("all".rjust(6) + cells([*totals, density(table["selected"], table["total"])]))
-    lines.append("per module type (selected / total):")
+    width = max([8, *map(len, mods)]) + 1
+    lines.append("per module (selected / total):")
     for m in mods:
         s, t = table["by_module"][m]
         lines.append(f"  {m:<{width}} {s} / {t} ({density(s, t):.4f})")
@@ -225,8 +275,23 @@ def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
     return dict(total_entries=total, masks=masks, pairs=pairs)
 
 
+def colour_range(table: dict[str, Any], matrix: list[list[float]], reserve_p: float | None) -> float:
+    """Top of the plot's colour scale: the largest density of a weight-matrix column, and at
+    least ``p`` (so the mark for p sits on the bar). Norm and bias columns (all tensors 1-D:
+    few entries, high Fisher per entry, often density 1) are left out, or they would squeeze
+    every matrix cell into the bottom of the scale; their cells show their value as text and
+    saturate the colour. Only vector columns: their own maximum."""
+    vectors = set(table["vector_modules"])
+    keep = [c for c, m in enumerate(table["modules"]) if m not in vectors] or range(len(table["modules"]))
+    finite = [row[c] for row in matrix for c in keep if not math.isnan(row[c])]
+    top = max([*finite, reserve_p or 0.0], default=0.0)
+    return top or 1.0
+
+
 def plot_density(info: MaskInfo, png_path: str | Path) -> list[list[float]]:
-    """Write a heatmap of density per layer (y) x module type (x); return the plotted matrix.
+    """Write a heatmap of density per layer (y) x module (x, the model's own names); return the
+    plotted matrix. The colour scale is ``colour_range`` (matrices, not norms), and the
+    colour bar marks the mask's ``p`` (its expected density).
 
     Agg canvas (no pyplot, no global backend switch); written atomically (temp file + replace).
     """
@@ -240,12 +305,14 @@ def plot_density(info: MaskInfo, png_path: str | Path) -> list[list[float]]:
 
     table = density_table(info)
     matrix = density_matrix(table)
+    meta = info.metadata
+    p = meta.get("reserve_p")
+    p = float(p) if isinstance(p, int | float) else None
     rows, cols = len(table["layers"]), len(table["modules"])
     fig = Figure(figsize=((240 + 80 * cols) / DPI, (200 + 40 * rows) / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    finite = [v for row in matrix for v in row if not math.isnan(v)]
-    vmax = max(finite, default=0.0) or 1.0
+    vmax = colour_range(table, matrix, p)
     image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
     for r, row in enumerate(matrix):
         for c, v in enumerate(row):
@@ -254,15 +321,19 @@ def plot_density(info: MaskInfo, png_path: str | Path) -> list[list[float]]:
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(cols), table["modules"], rotation=45, ha="right")
     ax.set_yticks(range(rows), ["other" if x is None else str(x) for x in table["layers"]])
-    ax.set_xlabel("module type")
+    ax.set_xlabel("module")
     ax.set_ylabel("layer")
-    meta = info.metadata
     ax.set_title(
         f"child-network density: {meta.get('method', '?')} p={meta.get('reserve_p', '?')} "
         f"task={meta.get('task', '?')}\n{table['selected']} / {table['total']} entries",
         fontsize=9,
     )
-    fig.colorbar(image, ax=ax, label="selected / total")
+    extend = "max" if any(v > vmax for row in matrix for v in row if not math.isnan(v)) else "neither"
+    bar = fig.colorbar(image, ax=ax, label="selected / total", extend=extend)
+    if p is not None:  # the mask's expected density: a red line and a tick on the colour bar
+        bar.ax.axhline(p, color="red", linewidth=3)
+        ticks = {0.0: "0", vmax: f"{vmax:.2f}"} | {p: f"p={p:g}"}
+        bar.set_ticks(sorted(ticks), labels=[ticks[t] for t in sorted(ticks)])
     with atomic.replacing(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return matrix

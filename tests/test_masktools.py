@@ -14,7 +14,17 @@ import torch
 from ctscale import store
 from ctscale.cli import main
 from ctscale.errors import MaskError
-from ctscale.masktools import density_table, layer_and_module, overlap, plot_density
+from ctscale.masktools import (
+    colour_range,
+    density_matrix,
+    density_table,
+    format_table,
+    layer_and_module,
+    module_type,
+    overlap,
+    plot_density,
+    short_names,
+)
 from ctscale.store import MaskPiece, read_info, save_mask
 
 nan = math.nan
@@ -93,12 +103,17 @@ def pieces_from_flat(shapes: dict, flat: torch.Tensor, split: int | None = None)
     return out
 
 
-def bert_mask(path: Path) -> Path:
+def pieces_from_counts(shapes: dict, counts: dict) -> list[MaskPiece]:
+    """One piece per tensor, its first ``counts[name]`` flat entries selected."""
     pieces = []
-    for name, shape in BERT.items():
-        bits = torch.arange(math.prod(shape)) < BERT_COUNTS.get(name, 0)
+    for name, shape in shapes.items():
+        bits = torch.arange(math.prod(shape)) < counts.get(name, 0)
         pieces.append(MaskPiece(name, shape, 0, bits.numel(), bits))
-    save_mask(path, pieces, META)
+    return pieces
+
+
+def bert_mask(path: Path) -> Path:
+    save_mask(path, pieces_from_counts(BERT, BERT_COUNTS), META)
     return path
 
 
@@ -119,82 +134,156 @@ def llama_masks(tmp_path: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "name, expected",
+    "name, expected, kind",
     [
-        ("bert.encoder.layer.3.attention.self.query.weight", (3, "query")),
-        ("bert.encoder.layer.3.attention.self.query.bias", (3, "query")),
-        ("roberta.encoder.layer.11.attention.self.key.weight", (11, "key")),
-        ("bert.encoder.layer.0.attention.self.value.bias", (0, "value")),
-        ("bert.encoder.layer.2.attention.output.dense.weight", (2, "attn_out")),
-        ("bert.encoder.layer.2.attention.output.LayerNorm.bias", (2, "norm")),
-        ("bert.encoder.layer.2.intermediate.dense.weight", (2, "ffn_in")),
-        ("bert.encoder.layer.2.output.dense.bias", (2, "ffn_out")),
-        ("bert.encoder.layer.2.output.LayerNorm.weight", (2, "norm")),
-        ("bert.embeddings.word_embeddings.weight", (None, "word_embeddings")),
-        ("bert.embeddings.LayerNorm.weight", (None, "norm")),
-        ("bert.pooler.dense.weight", (None, "dense")),
-        ("classifier.weight", (None, "classifier")),
-        ("model.layers.7.self_attn.q_proj.weight", (7, "query")),
-        ("model.layers.7.self_attn.q_proj.bias", (7, "query")),
-        ("model.layers.7.self_attn.k_proj.weight", (7, "key")),
-        ("model.layers.7.self_attn.v_proj.bias", (7, "value")),
-        ("model.layers.7.self_attn.o_proj.weight", (7, "attn_out")),
-        ("model.layers.7.mlp.gate_proj.weight", (7, "ffn_gate")),
-        ("model.layers.7.mlp.up_proj.weight", (7, "ffn_in")),
-        ("model.layers.7.mlp.down_proj.weight", (7, "ffn_out")),
-        ("model.layers.7.input_layernorm.weight", (7, "norm")),
-        ("model.layers.7.post_attention_layernorm.weight", (7, "norm")),
-        ("model.norm.weight", (None, "norm")),
-        ("lm_head.weight", (None, "lm_head")),
-        ("classifier.out_proj.weight", (None, "out_proj")),  # RoBERTa head: not attention
-        ("model.decoder.layers.2.self_attn.out_proj.bias", (2, "attn_out")),  # OPT, BART
-        ("deberta.encoder.layer.1.attention.self.query_proj.weight", (1, "query")),
-        ("encoder.block.0.layer.1.DenseReluDense.wi.weight", (0, "wi")),  # T5: block, not sub-layer
-        ("transformer.h.1.attn.c_attn.weight", (1, "qkv")),
-        ("transformer.h.1.attn.c_proj.bias", (1, "attn_out")),
-        ("transformer.h.1.mlp.c_fc.weight", (1, "ffn_in")),
-        ("transformer.h.1.mlp.c_proj.weight", (1, "ffn_out")),
-        ("transformer.h.1.ln_2.weight", (1, "norm")),
-        ("transformer.layer.4.rel_attn.o", (4, "attn_out")),
-        ("transformer.layer.4.ff.layer_2.weight", (4, "ffn_out")),
-        ("vit.blocks.5.mystery.thing.weight", (5, "thing")),
+        ("bert.encoder.layer.3.attention.self.query.weight", (3, "attention.self.query"), "query"),
+        ("bert.encoder.layer.3.attention.self.query.bias", (3, "attention.self.query"), "query"),
+        ("roberta.encoder.layer.11.attention.self.key.weight", (11, "attention.self.key"), "key"),
+        ("bert.encoder.layer.0.attention.self.value.bias", (0, "attention.self.value"), "value"),
+        ("bert.encoder.layer.2.attention.output.dense.weight", (2, "attention.output.dense"), "attn_out"),
+        ("bert.encoder.layer.2.attention.output.LayerNorm.bias", (2, "attention.output.LayerNorm"), "norm"),
+        ("bert.encoder.layer.2.intermediate.dense.weight", (2, "intermediate.dense"), "ffn_in"),
+        ("bert.encoder.layer.2.output.dense.bias", (2, "output.dense"), "ffn_out"),
+        ("bert.encoder.layer.2.output.LayerNorm.weight", (2, "output.LayerNorm"), "norm"),
+        (
+            "bert.embeddings.word_embeddings.weight",
+            (None, "bert.embeddings.word_embeddings"),
+            "word_embeddings",
+        ),
+        ("bert.embeddings.LayerNorm.weight", (None, "bert.embeddings.LayerNorm"), "norm"),
+        ("bert.pooler.dense.weight", (None, "bert.pooler.dense"), "dense"),
+        ("classifier.weight", (None, "classifier"), "classifier"),
+        ("model.layers.7.self_attn.q_proj.weight", (7, "self_attn.q_proj"), "query"),
+        ("model.layers.7.self_attn.q_proj.bias", (7, "self_attn.q_proj"), "query"),
+        ("model.layers.7.self_attn.k_proj.weight", (7, "self_attn.k_proj"), "key"),
+        ("model.layers.7.self_attn.v_proj.bias", (7, "self_attn.v_proj"), "value"),
+        ("model.layers.7.self_attn.o_proj.weight", (7, "self_attn.o_proj"), "attn_out"),
+        ("model.layers.7.mlp.gate_proj.weight", (7, "mlp.gate_proj"), "ffn_gate"),
+        ("model.layers.7.mlp.up_proj.weight", (7, "mlp.up_proj"), "ffn_in"),
+        ("model.layers.7.mlp.down_proj.weight", (7, "mlp.down_proj"), "ffn_out"),
+        ("model.layers.7.input_layernorm.weight", (7, "input_layernorm"), "norm"),
+        ("model.layers.7.post_attention_layernorm.weight", (7, "post_attention_layernorm"), "norm"),
+        ("model.norm.weight", (None, "model.norm"), "norm"),
+        ("lm_head.weight", (None, "lm_head"), "lm_head"),
+        ("classifier.out_proj.weight", (None, "classifier.out_proj"), "out_proj"),  # RoBERTa head
+        ("model.decoder.layers.2.self_attn.out_proj.bias", (2, "self_attn.out_proj"), "attn_out"),  # OPT
+        (
+            "deberta.encoder.layer.1.attention.self.query_proj.weight",
+            (1, "attention.self.query_proj"),
+            "query",
+        ),
+        ("encoder.block.0.layer.1.DenseReluDense.wi.weight", (0, "layer.1.DenseReluDense.wi"), "wi"),  # T5
+        ("transformer.h.1.attn.c_attn.weight", (1, "attn.c_attn"), "qkv"),
+        ("transformer.h.1.attn.c_proj.bias", (1, "attn.c_proj"), "attn_out"),
+        ("transformer.h.1.mlp.c_fc.weight", (1, "mlp.c_fc"), "ffn_in"),
+        ("transformer.h.1.mlp.c_proj.weight", (1, "mlp.c_proj"), "ffn_out"),
+        ("transformer.h.1.ln_2.weight", (1, "ln_2"), "norm"),
+        ("transformer.layer.4.rel_attn.o", (4, "rel_attn.o"), "attn_out"),
+        ("transformer.layer.4.ff.layer_2.weight", (4, "ff.layer_2"), "ffn_out"),
+        ("vit.blocks.5.mystery.thing.weight", (5, "mystery.thing"), "thing"),
+        # PEFT LoRA: the adapter's name ("default") is dropped, the base module kept
+        (
+            "base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight",
+            (3, "self_attn.q_proj.lora_A"),
+            "query",
+        ),
+        (
+            "base_model.model.model.layers.3.mlp.up_proj.lora_B.default.weight",
+            (3, "mlp.up_proj.lora_B"),
+            "ffn_in",
+        ),
+        (
+            "base_model.model.model.layers.0.self_attn.o_proj.lora_B.my_task.weight",
+            (0, "self_attn.o_proj.lora_B"),
+            "attn_out",
+        ),
     ],
 )
-def test_layer_and_module(name: str, expected: tuple) -> None:
+def test_layer_and_module(name: str, expected: tuple, kind: str) -> None:
+    """The model's own module names (issue 17: not ctscale's types, not PEFT's "default")."""
     assert layer_and_module(name) == expected
+    assert module_type(expected[1]) == kind
+
+
+def test_short_names_are_unique_suffixes() -> None:
+    paths = ["attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"]
+    paths += ["self_attn.q_proj.lora_A", "self_attn.q_proj.lora_B", "self_attn.v_proj.lora_B", "mlp.up_proj"]
+    assert short_names(paths) == {
+        "attention.self.query": "query",
+        "attention.output.dense": "attention.output.dense",
+        "intermediate.dense": "intermediate.dense",
+        "output.dense": "output.dense",
+        "self_attn.q_proj.lora_A": "lora_A",
+        "self_attn.q_proj.lora_B": "q_proj.lora_B",
+        "self_attn.v_proj.lora_B": "v_proj.lora_B",
+        "mlp.up_proj": "up_proj",
+    }
+
+
+AO, AN, ON, EN = (
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "output.LayerNorm",
+    "embeddings.LayerNorm",
+)
+BERT_MODULES = ["query", "key", "value", AO, "intermediate.dense", "output.dense", AN, EN, ON, "classifier"]
 
 
 def test_density_table_bert(tmp_path: Path) -> None:
     table = density_table(read_info(bert_mask(tmp_path / "bert.safetensors")))
     assert table["layers"] == [0, 1, None]
-    assert table["modules"] == "query key value attn_out ffn_in ffn_out norm classifier".split()
+    assert table["modules"] == BERT_MODULES
+    assert table["vector_modules"] == [AN, EN, ON]
     assert table["cells"] == {
-        0: {"query": (4, 6), "key": (3, 6), "value": (0, 6), "attn_out": (3, 6)}
-        | {"norm": (2, 8), "ffn_in": (6, 12), "ffn_out": (3, 10)},
-        1: {"query": (1, 6), "key": (0, 6), "value": (0, 6), "attn_out": (0, 6)}
-        | {"norm": (2, 8), "ffn_in": (4, 12), "ffn_out": (0, 10)},
-        None: {"norm": (1, 2), "classifier": (0, 4)},
+        0: {"query": (4, 6), "key": (3, 6), "value": (0, 6), AO: (3, 6), AN: (1, 4), ON: (1, 4)}
+        | {"intermediate.dense": (6, 12), "output.dense": (3, 10)},
+        1: {"query": (1, 6), "key": (0, 6), "value": (0, 6), AO: (0, 6), AN: (0, 4), ON: (2, 4)}
+        | {"intermediate.dense": (4, 12), "output.dense": (0, 10)},
+        None: {EN: (1, 2), "classifier": (0, 4)},
     }
-    assert table["by_module"] == {"query": (5, 12), "key": (3, 12), "value": (0, 12), "attn_out": (3, 12)} | {
-        "ffn_in": (10, 24),
-        "ffn_out": (3, 20),
-        "norm": (5, 18),
+    assert table["by_module"] == {"query": (5, 12), "key": (3, 12), "value": (0, 12), AO: (3, 12)} | {
+        "intermediate.dense": (10, 24),
+        "output.dense": (3, 20),
+        AN: (1, 8),
+        ON: (3, 8),
+        EN: (1, 2),
         "classifier": (0, 4),
     }
     assert table["by_layer"] == {0: (21, 54), 1: (7, 54), None: (1, 6)}
     assert (table["selected"], table["total"]) == (29, 114)
 
 
+def test_density_table_lora(tmp_path: Path) -> None:
+    """A PEFT model's mask: columns are the adapter tensors of each base module, not "default"."""
+    base = "base_model.model.model.layers"
+    shapes = {
+        f"{base}.{i}.self_attn.{m}.lora_{ab}.default.weight": (2, 4) if ab == "A" else (4, 2)
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
+    counts = {n: 8 if "lora_B" in n and "q_proj" in n else 0 for n in shapes}
+    path = tmp_path / "lora.safetensors"
+    save_mask(path, pieces_from_counts(shapes, counts), META)
+    table = density_table(read_info(path))
+    assert table["modules"] == ["q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"]
+    assert table["cells"][0] == {
+        "q_proj.lora_A": (0, 8),
+        "q_proj.lora_B": (8, 8),
+        "v_proj.lora_A": (0, 8),
+        "v_proj.lora_B": (0, 8),
+    }
+    assert "default" not in "".join(format_table(table))
+
+
 def test_density_table_llama(llama_masks: list[Path]) -> None:
     """Mask C (even i < 40) covers layer 0's first 40 entries, in LLAMA_LAYER order."""
     table = density_table(read_info(llama_masks[2]))
-    assert table["modules"] == ["query", "key", "value", "attn_out", "ffn_gate", "ffn_in", "ffn_out", "norm"]
-    assert table["cells"][0] == {"query": (3, 6), "key": (3, 6), "value": (3, 6), "attn_out": (2, 4)} | {
-        "ffn_gate": (4, 8),
-        "ffn_in": (4, 8),
-        "ffn_out": (1, 8),
-        "norm": (0, 4),
-    }
+    mods = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert table["modules"] == [*mods, "input_layernorm", "post_attention_layernorm"]
+    counts = [(3, 6), (3, 6), (3, 6), (2, 4), (4, 8), (4, 8), (1, 8), (0, 2), (0, 2)]
+    assert table["cells"][0] == dict(zip(table["modules"], counts))
+    assert table["vector_modules"] == ["input_layernorm", "post_attention_layernorm"]
     assert all(s == 0 for s, _ in table["cells"][1].values())
     assert table["by_layer"] == {0: (20, 50), 1: (0, 50)}
 
@@ -266,23 +355,45 @@ def test_overlap_detects_corrupt_payload(llama_masks: list[Path]) -> None:
         overlap(llama_masks)
 
 
+def _red_pixels(image) -> int:
+    """Pixels of the p mark (pure red; viridis has none)."""
+    rgb = image[..., :3]
+    return int(((rgb[..., 0] > 0.8) & (rgb[..., 1] < 0.2) & (rgb[..., 2] < 0.2)).sum())
+
+
 def test_plot_density(tmp_path: Path) -> None:
     info = read_info(bert_mask(tmp_path / "bert.safetensors"))
     png = tmp_path / "plots" / "density.png"
     matrix = plot_density(info, png)
-    expected = [
-        [4 / 6, 3 / 6, 0.0, 3 / 6, 6 / 12, 3 / 10, 2 / 8, nan],
-        [1 / 6, 0.0, 0.0, 0.0, 4 / 12, 0.0, 2 / 8, nan],
-        [nan, nan, nan, nan, nan, nan, 1 / 2, 0.0],
+    expected = [  # columns: BERT_MODULES
+        [4 / 6, 3 / 6, 0.0, 3 / 6, 6 / 12, 3 / 10, 1 / 4, nan, 1 / 4, nan],
+        [1 / 6, 0.0, 0.0, 0.0, 4 / 12, 0.0, 0.0, nan, 2 / 4, nan],
+        [nan, nan, nan, nan, nan, nan, nan, 1 / 2, nan, 0.0],
     ]
     assert len(matrix) == len(expected)
     for row, want in zip(matrix, expected):
         assert row == pytest.approx(want, nan_ok=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(png)
-    assert image.shape == (200 + 40 * 3, 240 + 80 * 8, 4)  # 3 layers (0, 1, other) x 8 module types
+    assert image.shape == (200 + 40 * 3, 240 + 80 * 10, 4)  # 3 layers (0, 1, other) x 10 modules
     assert image[..., :3].std() > 0.05  # something was drawn
+    assert _red_pixels(image) > 5  # p = 0.25 is marked on the colour bar
     assert [p.name for p in png.parent.iterdir()] == ["density.png"]  # no temp file left
+
+
+def test_plot_colour_scale_ignores_norm_columns(tmp_path: Path) -> None:
+    """Norms fully selected (density 1) and matrices sparse: the scale is set by the matrices
+    (and p), so the matrix cells are not all squeezed into the bottom colour."""
+    counts = {n: math.prod(s) if "layernorm" in n else 1 for n, s in LLAMA.items()}
+    path = tmp_path / "norms.safetensors"
+    save_mask(path, pieces_from_counts(LLAMA, counts), META | {"reserve_p": 0.1})
+    table = density_table(read_info(path))
+    matrix = density_matrix(table)
+    assert max(v for row in matrix for v in row) == 1.0  # the norm columns
+    assert colour_range(table, matrix, 0.1) == pytest.approx(2 / 6)  # q_proj: weight 1 + bias 1 of 6
+    assert colour_range(table, matrix, 0.5) == 0.5  # p is always on the bar
+    plot_density(read_info(path), tmp_path / "norms.png")
+    assert _red_pixels(matplotlib.image.imread(tmp_path / "norms.png")) > 5
 
 
 def test_cli_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,12 +404,12 @@ def test_cli_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert 'task: "rte"' in out
     assert f"{L0}attention.self.query.weight [2, 2] 1.0000" in out
     lines = [line.split() for line in out.splitlines()]
-    assert "layer query key value attn_out ffn_in ffn_out norm classifier all".split() in lines
-    assert "0 0.6667 0.5000 0.0000 0.5000 0.5000 0.3000 0.2500 - 0.3889".split() in lines
-    assert "1 0.1667 0.0000 0.0000 0.0000 0.3333 0.0000 0.2500 - 0.1296".split() in lines
-    assert "other - - - - - - 0.5000 0.0000 0.1667".split() in lines
-    assert "all 0.4167 0.2500 0.0000 0.2500 0.4167 0.1500 0.2778 0.0000 0.2544".split() in lines
-    assert ["ffn_in", "10", "/", "24", "(0.4167)"] in lines
+    assert ["layer", *BERT_MODULES, "all"] in lines
+    assert "0 0.6667 0.5000 0.0000 0.5000 0.5000 0.3000 0.2500 - 0.2500 - 0.3889".split() in lines
+    assert "1 0.1667 0.0000 0.0000 0.0000 0.3333 0.0000 0.0000 - 0.5000 - 0.1296".split() in lines
+    assert "other - - - - - - - 0.5000 - 0.0000 0.1667".split() in lines
+    assert "all 0.4167 0.2500 0.0000 0.2500 0.4167 0.1500 0.1250 0.5000 0.3750 0.0000 0.2544".split() in lines
+    assert ["intermediate.dense", "10", "/", "24", "(0.4167)"] in lines
 
 
 def test_cli_overlap(llama_masks: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,8 +435,8 @@ def test_cli_overlap(llama_masks: list[Path], tmp_path: Path, capsys: pytest.Cap
 def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "density.png"
     assert main(["mask", "plot", str(bert_mask(tmp_path / "bert.safetensors")), "--out", str(png)]) == 0
-    assert f"wrote {png}: density of 3 layer(s) x 8 module type(s)" in capsys.readouterr().out
-    assert matplotlib.image.imread(png).shape == (320, 880, 4)
+    assert f"wrote {png}: density of 3 layer(s) x 10 module(s)" in capsys.readouterr().out
+    assert matplotlib.image.imread(png).shape == (320, 1040, 4)
 
 
 def test_cli_plot_without_matplotlib_names_the_extra(
