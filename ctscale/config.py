@@ -82,13 +82,16 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
-    log_every: int = 10
+    log_every: int = 10  # console line + metrics record: loss, grad norm, lr, samples/s
+    eval_every: int = 0  # also evaluate every N optimizer steps; 0: off
     eval_every_epoch: bool = True
     save_model: bool = True
     bf16: bool = False
     save_every: int = 0  # checkpoint every N optimizer steps; 0: only the final model
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
-    tensorboard: bool = True  # scalars under output_dir/tensorboard (rank 0)
+    # trackers fed with the train/eval scalars (rank 0): tensorboard, wandb (offline), mlflow (file store)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # false: leave tensorboard out of report_to (the older switch, kept)
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     overwrite: bool = False  # replace the run already in output_dir (finished or another config)
     allow_mask_mismatch: bool = False  # train with a method.mask_file made with another p/scope/task
@@ -459,7 +462,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
     ("non-empty", lambda v: bool(v.strip()), ("model.name_or_path", "data.task", "train.output_dir")),
     (">= 1", lambda v: v >= 1, ("data.max_length", "train.epochs", "train.batch_size", "train.grad_accum")),
     (">= 1", lambda v: v >= 1, ("train.eval_batch_size", "train.log_every", "train.keep_checkpoints")),
-    (">= 0", lambda v: v >= 0, ("train.save_every",)),
+    (">= 0", lambda v: v >= 0, ("train.save_every", "train.eval_every")),
     ("> 0", lambda v: v > 0, ("train.lr",)),
     (">= 0", lambda v: v >= 0, ("train.weight_decay", "train.max_grad_norm", "train.seed")),
     (">= 0", lambda v: v >= 0, ("fisher.max_grad_norm",)),
@@ -497,6 +500,7 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             f"train.resume=true continues the run in train.output_dir, train.overwrite=true replaces "
             f"it{where}; set only one of them"
         )
+    _check_report_to(t.report_to, where)
     # batch_size is the global batch, so the micro-batches must split it evenly
     if t.batch_size % t.grad_accum:
         raise ConfigError(
@@ -535,6 +539,21 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                     f"({err}){where}; fix the pattern or escape special characters "
                     r"with a backslash, e.g. '\.' or '\('"
                 ) from None
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # each opened by ctscale.reporting
+
+
+def _check_report_to(names: list[str], where: str) -> None:
+    """Known trackers, each once (whether the library is installed is checked at run start)."""
+    for name in names:
+        if name not in REPORT_TO:
+            raise ConfigError(
+                f"train.report_to: unknown tracker {name!r}{where}; choose from "
+                f"{', '.join(REPORT_TO)} (or [] for none){_suggest(name, REPORT_TO)}"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.report_to lists a tracker twice: {_show(names)}{where}; name each once")
 
 
 FILE_TASKS = ("jsonl", "classification", "regression", "chat")  # tasks that read your own data

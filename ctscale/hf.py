@@ -41,11 +41,17 @@ top-p over A and B would keep no entry of A and freeze it for the whole run. The
 candidates of a PEFT model are therefore ``lora_B``; candidates that match a ``lora_A`` tensor
 are refused with this reason (``ctscale.lora``). Any candidate tensor whose Fisher is all zero,
 in any model, is reported in one warning (``ctscale.fisher.select_child``).
+
+What it reports: at ``on_train_begin`` one console line on rank 0 (the Fisher pass's batches
+and seconds, the mask's selected/total entries), and the same numbers as
+``child_tuning/*`` keys merged into the Trainer's first log record (``state.log_history``,
+``trainer_state.json``, and the callbacks that run after this one, such as the progress bar).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +59,10 @@ from typing import Any
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ctscale import dist, lora
+from ctscale import dist, lora, store
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
 from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
@@ -266,6 +273,8 @@ class ChildTuningCallback(TrainerCallback):
         self.masked_steps = 0  # optimizer steps masked so far in this train() call
         self._pending: int | None = None  # the global step masked but not yet ended
         self._unhook = _nothing  # undoes the DeepSpeed step hook
+        self.summary: dict[str, float] = {}  # child_tuning/* numbers, see _summarise
+        self._summary_logged = False
 
     # -- set-up ---------------------------------------------------------------------------
     def on_train_begin(
@@ -276,9 +285,39 @@ class ChildTuningCallback(TrainerCallback):
         zero = _zero_optimizer(model, optimizer)
         self.shards = ZeroShards(model, zero) if zero is not None else LocalShards(model)
         self.masked_steps, self._pending = 0, None
+        self.summary, self._summary_logged = {"child_tuning/reserve_p": self.reserve_p}, False
         self.strategy = self._build_strategy(args, state, model, train_dataloader, deepspeed=zero is not None)
         if zero is not None:
             self._hook_zero_step(zero, state)
+        if dist.is_main():
+            tqdm.write(self._describe())
+
+    def _describe(self) -> str:
+        """The console line on the child network: ``child-tuning: ct-d, 5,126 of 17,088 ...``."""
+        s = self.summary
+        if self.method == "ct-f":
+            return f"child-tuning: ct-f, a fresh random child every step, p={self.reserve_p}"
+        line = (
+            f"child-tuning: ct-d, {int(s['child_tuning/selected']):,} of "
+            f"{int(s['child_tuning/total']):,} candidate entries "
+            f"({s['child_tuning/selected'] / max(s['child_tuning/total'], 1):.1%}, p={self.reserve_p})"
+        )
+        if "child_tuning/fisher_batches" in s:
+            line += (
+                f"; fisher pass: {int(s['child_tuning/fisher_batches'])} batches in "
+                f"{s['child_tuning/fisher_seconds']:.1f} s"
+            )
+        return line
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Merge the ``child_tuning/*`` summary into the first record the Trainer logs (its
+        ``log_history`` entry too: the Trainer appended a copy before calling back)."""
+        if self._summary_logged or logs is None:
+            return
+        logs.update(self.summary)
+        if state.log_history:
+            state.log_history[-1].update(self.summary)
+        self._summary_logged = True
 
     def _build_strategy(self, args, state, model, loader, deepspeed: bool) -> MaskStrategy:
         if self.method == "ct-f":
@@ -301,6 +340,11 @@ class ChildTuningCallback(TrainerCallback):
                     "pass mask_file= (a Fisher pass on trained weights would pick another child)"
                 )
         strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
+        info = store.read_info(path)
+        self.summary |= {
+            "child_tuning/selected": info.total_selected,
+            "child_tuning/total": info.total_entries,
+        }
         if not any(strategy.is_candidate(n) for n in self.shards.param_shapes()):
             raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
         lora.refuse_frozen_lora_a(path)
@@ -341,7 +385,7 @@ class ChildTuningCallback(TrainerCallback):
                 f"ChildTuningCallback: fisher_batches={batches} but one epoch holds {available} "
                 f"global batches; lower fisher_batches"
             )
-        was_training = model.training
+        was_training, started = model.training, time.perf_counter()
         model.train()  # as ctscale's Fisher pass: training mode, dropout per fisher_dropout
         micro = iter(loader)
         with fisher_mode(model, self.fisher_dropout) as model_step:
@@ -354,6 +398,10 @@ class ChildTuningCallback(TrainerCallback):
                 fisher.add(self.shards.grad_views())
                 model.zero_grad(set_to_none=True)
         model.train(was_training)
+        self.summary |= {
+            "child_tuning/fisher_batches": batches,
+            "child_tuning/fisher_seconds": round(time.perf_counter() - started, 3),
+        }
         provenance = {
             "seed": args.seed,
             "scope": {"candidates": scope, "exclude": self.exclude},

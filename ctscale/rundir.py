@@ -37,6 +37,8 @@ RUN_FILES = (
     "model",
     "checkpoints",
     "tensorboard",
+    "wandb",  # train.report_to trackers' local files
+    "mlruns",
     "profile",
     "mask.safetensors",
     "mask",
@@ -48,6 +50,7 @@ _SAME_RUN_ANYWAY = {"train.resume", "train.overwrite", "train.output_dir"}
 _BOOKKEEPING = {
     *("train.save_every", "train.keep_checkpoints", "train.log_every", "train.tensorboard"),
     *("train.eval_every_epoch", "train.eval_batch_size", "train.profile_from", "train.profile_steps"),
+    *("train.eval_every", "train.report_to"),
 }
 
 

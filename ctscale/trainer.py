@@ -19,13 +19,13 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ctscale import batching, dist, rundir
+from ctscale import batching, dist, reporting, rundir, store
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
 from ctscale.checkpoint import STATE_FILE, CheckpointManager
 from ctscale.child import build_strategy, check_mask_on_record, ctd_mask_path, model_fingerprint
 from ctscale.child_optim import ChildAdamW, ChildMask
-from ctscale.config import Config, save_config
+from ctscale.config import Config, config_to_dict, save_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator, fisher_mode
 from ctscale.masks import MaskStrategy
@@ -68,7 +68,8 @@ class Trainer:
         self.backend = backend or build_backend(cfg)
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.backend.rank == 0
-        self._tb = None  # TensorBoard writer, opened on the first record
+        self.report_to = [t for t in cfg.train.report_to if t != "tensorboard" or cfg.train.tensorboard]
+        self._trackers: list[reporting.Tracker] | None = None  # opened on the first record (rank 0)
         self.micro = batching.micro_batch_size(
             cfg.train.batch_size, cfg.train.grad_accum, self.backend.world_size
         )
@@ -83,6 +84,7 @@ class Trainer:
         else:
             rundir.verdict(lambda: rundir.check_mask_out(self.out, mask_out, cfg))
         check_mask_on_record(cfg)  # the mask in use is the one the config describes
+        reporting.check_installed(self.report_to)  # a missing wandb/mlflow fails before the model loads
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = load_task_data(cfg, self.tokenizer)
         self.steps_per_epoch = batching.steps_per_epoch(self.data.train_size, cfg.train.batch_size)
@@ -201,14 +203,42 @@ class Trainer:
                 "seconds": time.perf_counter() - started,
                 **{f"{phase}_seconds": s for phase, s in seconds.items()},
                 "mask_state_bytes": strategy.state_bytes(),
+                **self._mask_summary(seconds),
             }
         )
-        metrics = self.fit(strategy, start_step, checkpoints)
+        try:
+            metrics = self.fit(strategy, start_step, checkpoints)
+        finally:
+            self._close_trackers()
         if self.cfg.train.save_model:
             self.save_model()
         if self.is_main:  # last: a run directory with this file holds a complete run
             rundir.mark_finished(self.out, {"step": self.total_steps, "final": metrics})
         return metrics
+
+    def _mask_summary(self, seconds: dict[str, float]) -> dict:
+        """CT-D's selected/total candidate entries (from the mask file's headers, rank 0) for the
+        ``mask_ready`` record; also printed as one console line, with the Fisher pass if it ran."""
+        method = self.cfg.method
+        if not self.is_main or method.name == "vanilla":
+            return {}
+        if method.name == "ct-f":
+            tqdm.write(f"mask: ct-f, a fresh random child every step, p={method.reserve_p}")
+            return {}
+        info = store.read_info(self.mask_path)
+        line = (
+            f"mask: ct-d, {info.total_selected:,} of {info.total_entries:,} candidate entries "
+            f"({info.total_selected / max(info.total_entries, 1):.1%}, p={info.metadata.get('reserve_p')}) "
+            f"in {len(info.shapes)} tensors"
+        )
+        if "fisher" in seconds:
+            line += (
+                f"; fisher pass: {info.metadata.get('fisher_batches')} batches in {seconds['fisher']:.1f} s"
+            )
+        else:
+            line += f"; from {self.mask_path}"
+        tqdm.write(line)
+        return {"mask_selected": info.total_selected, "mask_entries": info.total_entries}
 
     def child_only(self, strategy: MaskStrategy) -> MaskStrategy:
         """``method.child_only_optimizer``: replace the optimizer (built in ``setup``, before the
@@ -223,25 +253,37 @@ class Trainer:
     def fit(
         self, strategy: MaskStrategy, start_step: int = 0, checkpoints: CheckpointManager | None = None
     ) -> dict:
-        """Train from ``start_step`` to ``total_steps``; evaluate each epoch and at the end."""
+        """Train from ``start_step`` to ``total_steps``; evaluate each epoch (``eval_every_epoch``),
+        every ``eval_every`` steps and at the end. Log steps print one console line (rank 0)."""
         cfg = self.cfg
         metrics: dict = {}
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train", disable=not self.is_main)
         self.backend.train_mode(True)
+        train_seconds, steps_timed = 0.0, 0  # since the last log step; eval/checkpoints excluded
         for step in range(start_step, self.total_steps):
             lr = self.backend.lr()
+            started = time.perf_counter()
             self.profiler.step_begins(step)
             loss = self.train_step(step, strategy)
             if profiled := self.profiler.step_ends(step):
                 self.log({"event": "profile", **profiled})
+            train_seconds += time.perf_counter() - started
+            steps_timed += 1
             bar.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.total_steps:
                 # the global batch's mean loss, the same at any world size: ranks hold equal
                 # shares (causal LM: losses normalised by the global token count), so the mean
                 # over ranks is it. One scalar all-reduce, on log steps only (every rank logs
-                # the same steps); train_step itself adds no collective.
+                # the same steps); train_step itself adds no collective. The gradient norm is
+                # the one the backend's clipping computed (no collective of its own).
                 loss = dist.mean_over_ranks(loss)
-                self.log({"event": "train", "step": step + 1, "loss": loss, "lr": lr, **_gpu_memory()})
+                norm = self.backend.grad_norm()
+                speed = steps_timed * cfg.train.batch_size / max(train_seconds, 1e-9)
+                record = {"event": "train", "step": step + 1, "loss": loss}
+                record |= {"grad_norm": norm} if norm is not None else {}
+                record |= {"lr": lr, "samples_per_s": round(speed, 2), **_gpu_memory()}
+                self.log(record)
+                train_seconds, steps_timed = 0.0, 0
             if checkpoints and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
                 state = {
                     "model_fingerprint": self.fingerprint,
@@ -250,7 +292,8 @@ class Trainer:
                 }
                 checkpoints.save(self.backend, step + 1, state)
             end_of_epoch = (step + 1) % self.steps_per_epoch == 0
-            if (cfg.train.eval_every_epoch and end_of_epoch) or step + 1 == self.total_steps:
+            every = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
+            if (cfg.train.eval_every_epoch and end_of_epoch) or every or step + 1 == self.total_steps:
                 metrics = self.evaluate(step + 1)
                 self.backend.train_mode(True)
         bar.close()
@@ -302,36 +345,51 @@ class Trainer:
 
     # -- output -----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        """Append one JSON line to ``metrics.jsonl`` (rank 0) and echo eval results."""
+        """Append one JSON line to ``metrics.jsonl``, feed the trackers (``train.report_to``)
+        and print train and eval records on the console. Rank 0 only."""
         if not self.is_main:
             return
         record = {"time": round(time.time(), 3), **record}
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        self._tensorboard(record)
+        if record["event"] in ("train", "eval"):
+            self._report(record)
+            tqdm.write(self._console_line(record))
+
+    def _console_line(self, record: dict) -> str:
+        """``step 20/120 | loss 0.6931 | grad_norm 1.234 | lr 3.9e-05 | 45.2 samples/s``; eval
+        records as ``eval step 20/120 | validation/accuracy=0.8125 ...``."""
+        where = f"step {record['step']}/{self.total_steps}"
         if record["event"] == "eval":
-            tqdm.write(
-                " ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in record.items()
-                    if k not in ("time", "event")
-                )
+            values = (
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in record.items()
+                if k not in ("time", "event", "step")
             )
+            return f"eval {where} | " + " ".join(values)
+        parts = [where, f"loss {record['loss']:.4f}"]
+        if "grad_norm" in record:
+            parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        parts += [f"lr {record['lr']:.2e}", f"{record['samples_per_s']:.1f} samples/s"]
+        if "max_gpu_mem_gib" in record:
+            parts.append(f"{record['max_gpu_mem_gib']:.2f} GiB")
+        return " | ".join(parts)
 
-    def _tensorboard(self, record: dict) -> None:
-        """Scalars of train and eval records under ``output_dir/tensorboard`` (rank 0)."""
-        if not self.cfg.train.tensorboard or record["event"] not in ("train", "eval"):
+    def _report(self, record: dict) -> None:
+        """Scalars of a train or eval record to every tracker of ``train.report_to`` (rank 0);
+        the trackers open on the first record, once the run directory holds this run."""
+        if not self.report_to:
             return
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
+        if self._trackers is None:
+            self._trackers = reporting.open_trackers(self.report_to, self.out, config_to_dict(self.cfg))
+        values = reporting.scalars(record)
+        for tracker in self._trackers:
+            tracker.log(values, record["step"])
 
-            self._tb = SummaryWriter(str(self.out / "tensorboard"))
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("time", "step"):
-                self._tb.add_scalar(
-                    f"{record['event']}/{key}" if "/" not in key else key, value, record["step"]
-                )
-        self._tb.flush()
+    def _close_trackers(self) -> None:
+        for tracker in self._trackers or []:
+            tracker.close()
+        self._trackers = None
 
     def save_model(self) -> Path:
         """Consolidated HF model + tokenizer under ``output_dir/model``, replaced atomically."""

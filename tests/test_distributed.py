@@ -103,14 +103,16 @@ def _export_overrides(tiny_bert, glue_dir, out) -> list[str]:
     return tiny_overrides(tiny_bert, glue_dir, out) + ["train.save_model=true", "train.log_every=1"]
 
 
-def _logged(out) -> tuple[list[float], list[str]]:
-    """(train loss per step from metrics.jsonl, key names of the exported model.safetensors)."""
+def _logged(out) -> tuple[list[float], list[str], list[float]]:
+    """(train loss per step from metrics.jsonl, key names of the exported model.safetensors,
+    the pre-clip gradient norm per step)."""
     from safetensors import safe_open
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as fh:
         keys = sorted(fh.keys())
-    return [r["loss"] for r in records if r["event"] == "train"], keys
+    train = [r for r in records if r["event"] == "train"]
+    return [r["loss"] for r in train], keys, [r["grad_norm"] for r in train]
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +129,17 @@ def one_process_export(tiny_bert, glue_dir, tmp_path_factory):
 def test_logged_loss_and_export_keys_match_single_process(
     row, tiny_bert, glue_dir, tmp_path, one_process_export
 ):
-    """Logged train loss is the global batch's mean (not rank 0's share), and the exported
-    safetensors have the 1-process key names (ZeRO-3 once wrote LayerNorm gamma/beta)."""
+    """Logged train loss is the global batch's mean (not rank 0's share), the logged gradient
+    norm is the global pre-clip norm (not rank 0's shard's), and the exported safetensors have
+    the 1-process key names (ZeRO-3 once wrote LayerNorm gamma/beta)."""
     if not _available(row):
         pytest.skip(f"backend for {row} not built yet")
     run_world(logged_run, 2, _export_overrides(tiny_bert, glue_dir, tmp_path) + ROWS[row])
-    losses, keys = _logged(tmp_path)
-    want_losses, want_keys = one_process_export
+    losses, keys, norms = _logged(tmp_path)
+    want_losses, want_keys, want_norms = one_process_export
     assert keys == want_keys, f"{row}: {sorted(set(keys) ^ set(want_keys))[:6]}"
     assert len(losses) == len(want_losses) == 4
     diff = max(abs(a - b) for a, b in zip(losses, want_losses))
     assert diff <= 1e-5, f"{row}: logged losses {losses} vs 1 process {want_losses}"
+    assert all(n > 0.1 for n in want_norms)  # above train.max_grad_norm: the norm before clipping
+    assert norms == pytest.approx(want_norms, rel=1e-4), f"{row}: grad norms {norms} vs {want_norms}"

@@ -112,6 +112,22 @@ def test_ctd_fisher_pass_runs_without_dropout(tiny_bert, glue_dir, tmp_path):
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
+def test_callback_logs_its_fisher_pass_and_mask(tiny_bert, glue_dir, tmp_path, capsys):
+    """The Fisher pass (batches, seconds) and the mask's selected/total reach the console (rank
+    0) and the Trainer's log history (merged into its first record)."""
+    out = tmp_path / "run"
+    _example().main(example_args(tiny_bert, glue_dir, out, *CTD, "--max-steps", "1"))
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("child-tuning:")]
+    assert len(line) == 1 and "ct-d, 5,126 of 17,088 candidate entries" in line[0]
+    assert "fisher pass: 2 batches in" in line[0]
+    first = json.loads((out / "trainer_state.json").read_text())["log_history"][0]
+    info = store.read_info(out / "mask.safetensors")
+    assert first["child_tuning/selected"] == info.total_selected == 5126
+    assert first["child_tuning/total"] == info.total_entries == 17088
+    assert first["child_tuning/reserve_p"] == P and first["child_tuning/fisher_batches"] == 2
+    assert first["child_tuning/fisher_seconds"] > 0 and "loss" in first  # the first training record
+
+
 # -- (b) CT-F: the first update is ctscale's mask, applied after the Trainer's clipping --------
 class Grabber(TrainerCallback):
     """Copies of the gradients at ``on_pre_optimizer_step`` (before or after the mask)."""

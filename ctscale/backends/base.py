@@ -70,6 +70,12 @@ class Backend(Protocol):
         """Clip (``max_grad_norm``), optimizer step, scheduler step, zero the gradients."""
         ...
 
+    def grad_norm(self) -> float | None:
+        """The last ``step``'s global gradient norm before clipping (after the mask), the same
+        on every rank; from the clipping the backend does anyway (no extra collective). None
+        where it was not computed (clipping off under local/DDP/FSDP2). Call on every rank."""
+        ...
+
     def zero_grad(self) -> None:
         """Drop the gradients without stepping (the Fisher pass)."""
         ...

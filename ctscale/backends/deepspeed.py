@@ -205,6 +205,12 @@ class DeepSpeedBackend:
     def _renorm_offloaded_grads(self) -> None:
         renorm_offloaded_grads(self.optimizer, [p for _, p, _, _ in self._ranges], self.stage == 3)
 
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm before clipping (of the masked partitions),
+        which ZeRO computes in every step anyway; None before the first step."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
     def zero_grad(self) -> None:
         """Drop this window's reduced gradients without an update, as DeepSpeed's own
         overflow-skip does, and start the next accumulation window."""

@@ -112,6 +112,7 @@ class FSDPBackend:
         self.device = dist.default_device()
         self.grad_accum = grad_accum
         self.max_grad_norm = max_grad_norm
+        self._grad_norm: torch.Tensor | None = None  # the last step's, from clipping
         self.bf16 = bf16
 
     def model_init_context(self) -> contextlib.AbstractContextManager[None]:
@@ -183,10 +184,18 @@ class FSDPBackend:
     def step(self) -> None:
         if self.max_grad_norm:
             # DTensor-aware: local partial norms, one all-reduce, every rank scales its shard
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm before clipping (after the mask), the value
+        clipping already all-reduced; None when clipping is off (it is not computed then)."""
+        norm = self._grad_norm
+        if norm is None:
+            return None
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ class LocalBackend:
         self.max_grad_norm = max_grad_norm
         self.bf16 = bf16
         self.ddp = ddp and self.world_size > 1
+        self._grad_norm: torch.Tensor | None = None
 
     def model_init_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the model is built whole, then wrapped/sharded
@@ -81,11 +82,16 @@ class LocalBackend:
         return parameter_shapes(self.model)
 
     def step(self) -> None:
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        if self.max_grad_norm:  # whole (all-reduced) gradients: the norm is local, no collective
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm before clipping (after the mask); None when
+        clipping is off (it is not computed then)."""
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
