@@ -315,46 +315,6 @@ def test_sbatch_runs_the_slurm_template_on_two_slurm_nodes(
     check_against_one_process(run_dir, one_process_mask, minilm, glue_dir, tmp_path)
 
 
-# -- a node dies -----------------------------------------------------------------------------------
-
-
-def _kill_node1_after_a_checkpoint(run_dir: Path, procs: list[subprocess.Popen]) -> str:
-    deadline = time.monotonic() + 300
-    latest = run_dir / "checkpoints" / "latest"
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        if latest.is_file() and latest.read_text().strip() >= "step-00000003":
-            killed_after = latest.read_text().strip()
-            assert cluster_cmd("kill", "node1").returncode == 0
-            return killed_after
-        time.sleep(0.05)
-    out = finish(procs, 5)
-    raise AssertionError("the job ended or stalled before node1 could be killed:\n" + out[0][-3000:])
-
-
-def node_loss_overrides(tiny_bert: Path, glue_dir: Path, out: Path) -> list[str]:
-    return tiny_overrides(tiny_bert, glue_dir, out) + [
-        "distributed.backend=ddp",
-        "method.name=ct-f",
-        "train.max_steps=12",
-        "train.save_every=3",
-        "train.save_model=true",
-        "train.resume=true",
-    ]
-
-
-def test_without_restarts_the_surviving_node_stops_with_a_clear_error(cluster, tiny_bert, glue_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    procs = torchrun_on_both(node_loss_overrides(tiny_bert, glue_dir, run_dir), max_restarts=0)
-    _kill_node1_after_a_checkpoint(run_dir, procs)
-    started = time.monotonic()
-    (out0,) = finish([procs[0]], 120)
-    procs[1].send_signal(signal.SIGKILL)
-    assert procs[0].returncode != 0
-    assert time.monotonic() - started < 120
-    errors = [line for line in out0.splitlines() if "ctscale: error:" in line]
-    assert len(errors) == 1 and "rank" in errors[0], out0[-3000:]
-
-
 def _squeue_empty(job: str) -> bool:
     out = cluster_cmd("exec", "node0", "squeue", "-h", "-j", job).stdout
     return out.strip() == ""
@@ -397,3 +357,44 @@ def test_slurm_requeue_resumes_from_the_last_checkpoint(cluster, tiny_bert, glue
     a = load_file(run_dir / "model" / "model.safetensors")
     b = load_file(straight / "model" / "model.safetensors")
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= WEIGHT_TOLERANCE
+
+
+# -- a node dies -----------------------------------------------------------------------------------
+# Last in this module: killing node1 takes its sshd and slurmd down for the tests after it.
+
+
+def _kill_node1_after_a_checkpoint(run_dir: Path, procs: list[subprocess.Popen]) -> str:
+    deadline = time.monotonic() + 300
+    latest = run_dir / "checkpoints" / "latest"
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if latest.is_file() and latest.read_text().strip() >= "step-00000003":
+            killed_after = latest.read_text().strip()
+            assert cluster_cmd("kill", "node1").returncode == 0
+            return killed_after
+        time.sleep(0.05)
+    out = finish(procs, 5)
+    raise AssertionError("the job ended or stalled before node1 could be killed:\n" + out[0][-3000:])
+
+
+def node_loss_overrides(tiny_bert: Path, glue_dir: Path, out: Path) -> list[str]:
+    return tiny_overrides(tiny_bert, glue_dir, out) + [
+        "distributed.backend=ddp",
+        "method.name=ct-f",
+        "train.max_steps=12",
+        "train.save_every=3",
+        "train.save_model=true",
+        "train.resume=true",
+    ]
+
+
+def test_without_restarts_the_surviving_node_stops_with_a_clear_error(cluster, tiny_bert, glue_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    procs = torchrun_on_both(node_loss_overrides(tiny_bert, glue_dir, run_dir), max_restarts=0)
+    _kill_node1_after_a_checkpoint(run_dir, procs)
+    started = time.monotonic()
+    (out0,) = finish([procs[0]], 120)
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[0].returncode != 0
+    assert time.monotonic() - started < 120
+    errors = [line for line in out0.splitlines() if "ctscale: error:" in line]
+    assert len(errors) == 1 and "rank" in errors[0], out0[-3000:]
