@@ -135,6 +135,29 @@ def save_child_network(
         dist.barrier()
 
 
+def describe_child(
+    method: str,
+    reserve_p: float,
+    selected: int = 0,
+    total: int = 0,
+    tensors: int | None = None,
+    fisher: tuple[int, float] | None = None,
+) -> str:
+    """The child network in one console line, as ``ctscale train`` and the HF callback print it:
+    ``ct-d, 5,126 of 17,088 candidate entries (30.0%, p=0.3) in 32 tensors; fisher pass: 2
+    batches in 1.5 s`` (``fisher``: batches and seconds of the pass, when one ran)."""
+    if method == "ct-f":
+        return f"ct-f, a fresh random child every step, p={reserve_p}"
+    line = (
+        f"ct-d, {selected:,} of {total:,} candidate entries ({selected / max(total, 1):.1%}, p={reserve_p})"
+    )
+    if tensors is not None:
+        line += f" in {tensors} tensors"
+    if fisher is not None:
+        line += f"; fisher pass: {fisher[0]} batches in {fisher[1]:.1f} s"
+    return line
+
+
 def check_mask_on_record(cfg: Config) -> None:
     """``method.mask_file`` must be the child network this config describes: the same p,
     candidate scope and task as the mask's metadata say it was made with (the model is checked

@@ -64,7 +64,7 @@ from transformers import TrainerCallback
 
 from ctscale import dist, lora, store
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
-from ctscale.child import default_mask_path, load_fixed_mask, save_child_network
+from ctscale.child import default_mask_path, describe_child, load_fixed_mask, save_child_network
 from ctscale.errors import ConfigError, CtscaleError, MaskError
 from ctscale.fisher import FisherAccumulator, candidate_filter, fisher_mode
 from ctscale.masks import GradView, MaskStrategy, RandomChildMask
@@ -296,18 +296,12 @@ class ChildTuningCallback(TrainerCallback):
         """The console line on the child network: ``child-tuning: ct-d, 5,126 of 17,088 ...``."""
         s = self.summary
         if self.method == "ct-f":
-            return f"child-tuning: ct-f, a fresh random child every step, p={self.reserve_p}"
-        line = (
-            f"child-tuning: ct-d, {int(s['child_tuning/selected']):,} of "
-            f"{int(s['child_tuning/total']):,} candidate entries "
-            f"({s['child_tuning/selected'] / max(s['child_tuning/total'], 1):.1%}, p={self.reserve_p})"
-        )
+            return f"child-tuning: {describe_child('ct-f', self.reserve_p)}"
+        fisher = None
         if "child_tuning/fisher_batches" in s:
-            line += (
-                f"; fisher pass: {int(s['child_tuning/fisher_batches'])} batches in "
-                f"{s['child_tuning/fisher_seconds']:.1f} s"
-            )
-        return line
+            fisher = (int(s["child_tuning/fisher_batches"]), s["child_tuning/fisher_seconds"])
+        selected, total = int(s["child_tuning/selected"]), int(s["child_tuning/total"])
+        return f"child-tuning: {describe_child('ct-d', self.reserve_p, selected, total, fisher=fisher)}"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Merge the ``child_tuning/*`` summary into the first record the Trainer logs (its

@@ -23,7 +23,13 @@ from ctscale import batching, dist, reporting, rundir, store
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
 from ctscale.checkpoint import STATE_FILE, CheckpointManager
-from ctscale.child import build_strategy, check_mask_on_record, ctd_mask_path, model_fingerprint
+from ctscale.child import (
+    build_strategy,
+    check_mask_on_record,
+    ctd_mask_path,
+    describe_child,
+    model_fingerprint,
+)
 from ctscale.child_optim import ChildAdamW, ChildMask
 from ctscale.config import Config, config_to_dict, save_config
 from ctscale.errors import ConfigError, DataError
@@ -223,21 +229,19 @@ class Trainer:
         if not self.is_main or method.name == "vanilla":
             return {}
         if method.name == "ct-f":
-            tqdm.write(f"mask: ct-f, a fresh random child every step, p={method.reserve_p}")
+            tqdm.write(f"mask: {describe_child('ct-f', method.reserve_p)}")
             return {}
         info = store.read_info(self.mask_path)
-        line = (
-            f"mask: ct-d, {info.total_selected:,} of {info.total_entries:,} candidate entries "
-            f"({info.total_selected / max(info.total_entries, 1):.1%}, p={info.metadata.get('reserve_p')}) "
-            f"in {len(info.shapes)} tensors"
+        ran = "fisher" in seconds
+        line = describe_child(
+            "ct-d",
+            info.metadata.get("reserve_p"),
+            info.total_selected,
+            info.total_entries,
+            tensors=len(info.shapes),
+            fisher=(info.metadata.get("fisher_batches"), seconds["fisher"]) if ran else None,
         )
-        if "fisher" in seconds:
-            line += (
-                f"; fisher pass: {info.metadata.get('fisher_batches')} batches in {seconds['fisher']:.1f} s"
-            )
-        else:
-            line += f"; from {self.mask_path}"
-        tqdm.write(line)
+        tqdm.write(f"mask: {line}" + ("" if ran else f"; from {self.mask_path}"))
         return {"mask_selected": info.total_selected, "mask_entries": info.total_entries}
 
     def child_only(self, strategy: MaskStrategy) -> MaskStrategy:
