@@ -6,7 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -182,25 +182,30 @@ def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
-def meta_shapes(cfg: ModelConfig, task: str) -> dict[str, tuple[int, ...]]:
-    """``parameter_shapes`` of the model training builds from ``cfg`` for ``task`` (a GLUE task,
-    or ``jsonl``: a causal LM), built on the meta device from its config: no weights are read."""
-    from ctscale.tasks import get_task
-
+def meta_model(cfg: ModelConfig, task: Any = None) -> torch.nn.Module:
+    """The model training builds from ``cfg``, on the meta device from its config: no weights
+    are read (of a GGUF file, its header). A classifier when ``task`` (anything with
+    ``num_labels`` and ``is_regression``, e.g. a GlueTask) is given, else a causal LM."""
     path = resolve_model_path(cfg.name_or_path)
-    if task == "jsonl":
-        auto, overrides = AutoModelForCausalLM, {}
-    else:
-        glue = get_task(task)
+    overrides: dict[str, Any] = dict(_weights_kwargs(cfg, path))
+    auto = AutoModelForCausalLM
+    if task is not None:
         auto = AutoModelForSequenceClassification
-        problem = "regression" if glue.is_regression else "single_label_classification"
-        overrides = {"num_labels": glue.num_labels, "problem_type": problem}
+        problem = "regression" if task.is_regression else "single_label_classification"
+        overrides |= {"num_labels": task.num_labels, "problem_type": problem}
     trust = cfg.trust_remote_code
     with _loading("config", cfg.name_or_path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **overrides)
         with torch.device("meta"):
-            model = auto.from_config(config, trust_remote_code=trust)
-    return parameter_shapes(model)
+            return auto.from_config(config, trust_remote_code=trust)
+
+
+def meta_shapes(cfg: ModelConfig, task: str) -> dict[str, tuple[int, ...]]:
+    """``parameter_shapes`` of the model training builds from ``cfg`` for ``task`` (a GLUE task,
+    or ``jsonl``: a causal LM), without reading weights (``meta_model``)."""
+    from ctscale.tasks import get_task
+
+    return parameter_shapes(meta_model(cfg, None if task == "jsonl" else get_task(task)))
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -15,8 +15,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ctscale import batching, dist, rundir
 from ctscale.config import Config
 
@@ -27,24 +25,11 @@ def meta_parameter_count(cfg: Config, data: Any) -> int:
     """Trainable parameters of the model ``data.load_model`` would build, counted on the meta
     device from the model's config (no weights read): a classifier for GLUE and table tasks
     (``data.task`` holds the labels), a causal LM otherwise."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from ctscale.models import meta_model, parameter_shapes
 
-    from ctscale.models import _loading, _weights_kwargs, resolve_model_path
-
-    path = resolve_model_path(cfg.model.name_or_path)
     task = getattr(data, "task", None)
-    overrides: dict[str, Any] = dict(_weights_kwargs(cfg.model, path))  # a GGUF file: its header
-    auto = AutoModelForCausalLM
-    if task is not None and hasattr(task, "num_labels"):
-        auto = AutoModelForSequenceClassification
-        problem = "regression" if task.is_regression else "single_label_classification"
-        overrides |= {"num_labels": task.num_labels, "problem_type": problem}
-    trust = cfg.model.trust_remote_code
-    with _loading("config", cfg.model.name_or_path):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **overrides)
-        with torch.device("meta"):
-            model = auto.from_config(config, trust_remote_code=trust)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shapes = parameter_shapes(meta_model(cfg.model, task if hasattr(task, "num_labels") else None))
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def memory_estimate(cfg: Config, params: int, world: int, zero_stage: int | None) -> dict[str, float]:
