@@ -499,7 +499,7 @@ def test_offload_norm_check_fails_without_the_post_mask_renorm(shipped):
 def test_shipped_zero3_configs_keep_torch_linear():
     """DeepSpeed's memory_efficient_linear (default true) replaces F.linear process-wide with a
     function that rounds differently; it doubled the world-size difference of the MiniLM Fisher
-    (docs/distributed.md, "One child network at any world size"). Every shipped ZeRO-3 config turns it off."""
+    (README, "One child network at any world size"). Every shipped ZeRO-3 config turns it off."""
     accelerate = DS_CONFIGS.parent / "launch" / "accelerate"
     paths = [*DS_CONFIGS.glob("*.json"), *accelerate.glob("*.json")]
     zero3 = [p for p in paths if json.loads(p.read_text())["zero_optimization"]["stage"] == 3]
