@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ctscale import atomic
 from ctscale.config import Config, load_config
 from ctscale.errors import ConfigError, DataError
+from ctscale.storage import atomic
 from ctscale.tasks.sources import Table, dataset_split, open_dataset, read_file, train_and_eval
 
 CAUSAL_TASKS = ("jsonl", "chat")
@@ -276,6 +276,6 @@ def _generate(cfg: Config, tokenizer, model, table: Table, gen: Generation) -> l
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """All lines or none (``ctscale.atomic``)."""
+    """All lines or none (``ctscale.storage.atomic``)."""
     with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ctscale import atomic, store
 from ctscale.errors import CtscaleError, MaskError
-from ctscale.store import MaskInfo
+from ctscale.storage import atomic, mask_file
+from ctscale.storage.mask_file import MaskInfo
 
 # The integer after the first `layer.` / `layers.` / `h.` / `block(s).` component is the layer index.
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")
@@ -175,9 +175,9 @@ def format_table(table: dict[str, Any]) -> list[str]:
 def _stream(path: str | Path, info: MaskInfo, names: Sequence[str]) -> Iterator[torch.Tensor]:
     """Global 1-D bool bits of each of ``names`` in turn; one tensor in memory at a time.
 
-    Unlike per-tensor ``store.load_mask`` calls, each file's checksum is verified once.
+    Unlike per-tensor ``mask_file.load_mask`` calls, each file's checksum is verified once.
     """
-    _, files = store._layout(Path(path))
+    _, files = mask_file._layout(Path(path))
     parts: dict[str, list[tuple[Path, str, dict[str, Any]]]] = {}
     for f, checksum, descs in files:
         for d in descs:
@@ -195,9 +195,9 @@ def _stream(path: str | Path, info: MaskInfo, names: Sequence[str]) -> Iterator[
                 if f not in handles:
                     if not f.is_file():
                         raise MaskError(f"{path}: shard {f.name} is missing; re-create the mask")
-                    store._verify(f, checksum)
+                    mask_file._verify(f, checksum)
                     handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
-                bits[cursor : d["end"]] = store._read_range(handles[f], d, d["start"], d["end"])
+                bits[cursor : d["end"]] = mask_file._read_range(handles[f], d, d["start"], d["end"])
                 cursor = d["end"]
             if cursor != n or int(torch.count_nonzero(bits)) != info.selected[name]:
                 raise MaskError(f"{path}: the bits of {name!r} disagree with its index; re-create the mask")
@@ -213,7 +213,7 @@ def check_fits_model(info: MaskInfo, name_or_path: str, task: str | None = None)
     from ctscale.models import meta_shapes
 
     shapes = meta_shapes(ModelConfig(name_or_path=name_or_path), task or info.metadata.get("task") or "rte")
-    store.check_names(info, shapes)
+    mask_file.check_names(info, shapes)
     return len(info.shapes)
 
 
@@ -248,7 +248,7 @@ def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
     """
     if len(paths) < 2:
         raise MaskError(f"overlap needs two or more masks, got {len(paths)}")
-    infos = [store.read_info(p) for p in paths]
+    infos = [mask_file.read_info(p) for p in paths]
     _same_model(infos)
     names = sorted(infos[0].shapes)
     k, total = len(paths), infos[0].total_entries

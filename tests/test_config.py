@@ -104,7 +104,7 @@ def test_save_config_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def boom(*_args: object) -> None:
         raise OSError("disk full")
 
-    from ctscale import atomic  # save_config writes through ctscale.atomic
+    from ctscale.storage import atomic  # save_config writes through ctscale.storage.atomic
 
     monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale import store
+from ctscale.storage import mask_file
 
 from conftest import METHODS, NEEDS, ROWS
 from dist_harness import run_world
@@ -40,9 +40,9 @@ def _available(row: str) -> bool:
 
 
 def _mask_bits(path) -> dict[str, torch.Tensor]:
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     wanted = [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
-    return {name: bits for (name, _), bits in store.load_mask(path, wanted).items()}
+    return {name: bits for (name, _), bits in mask_file.load_mask(path, wanted).items()}
 
 
 def _max_diff(a: dict, b: dict) -> float:

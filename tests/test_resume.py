@@ -59,7 +59,7 @@ def test_resume_at_another_world_size(row, tiny_bert, glue_dir, tmp_path, refere
     """DDP checkpoints hold whole tensors and FSDP2's (torch.distributed.checkpoint) reshard on
     load: stopped with 2 ranks, resumed with 3 (CT-D's mask resharded too); equal to the
     1-process run up to reduction-order rounding. Child-only AdamW too: under FSDP2 its packed
-    state is resharded by ``ctscale.backends.child_state``; it must follow dense CT-D's 1-process run."""
+    state is resharded by ``ctscale.storage.child_optim_state``; it must follow dense CT-D's 1-process run."""
     if not _supported(row):
         pytest.skip(f"{row}: no checkpoint support yet")
     runs = {m: _overrides(ROWS[row], tmp_path, tiny_bert, glue_dir, m) for m in METHODS}

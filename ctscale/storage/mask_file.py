@@ -22,7 +22,7 @@ Format (version 1), one or more safetensors files:
     EVERY rank writes its shard, an empty payload if it holds no pieces, so a complete save is
     always exactly ``world`` files and the index lists them all (a missing one is detectable).
 
-Writes are atomic (``ctscale.atomic``): temp file in the same directory, then ``os.replace``. A sharded save
+Writes are atomic (``ctscale.storage.atomic``): temp file in the same directory, then ``os.replace``. A sharded save
 replaces files only after every rank's new shard is complete, removes the old index first
 and writes the new index last, so a directory never loads a mix of two saves.
 """
@@ -44,8 +44,9 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ctscale import atomic, dist
+from ctscale import dist
 from ctscale.errors import MaskError
+from ctscale.storage import atomic
 
 FORMAT_VERSION = 1
 INDEX_NAME = "mask.index.json"

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctscale import dist
-from ctscale.child_optim import ChildAdamW, local_shard
 from ctscale.errors import CtscaleError
+from ctscale.methods.child_optim import ChildAdamW, local_shard
 
 FORMAT = "ctscale-child-adamw/1"
 GROUPS = "child-optim-groups.pt"

@@ -26,9 +26,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ctscale import atomic, dist
+from ctscale import dist
 from ctscale.backends.base import Backend
 from ctscale.errors import CtscaleError
+from ctscale.storage import atomic
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
