@@ -102,15 +102,15 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """Fine-tuning method: one of ``ctscale.methods`` (vanilla, ct-f, ct-d, ct-r, ...)."""
+    """Fine-tuning method: any registered in ``ctscale.methods`` (vanilla, ct-f, ct-d, ...)."""
 
     name: str = "vanilla"  # a registered method (ctscale.methods.registry)
     reserve_p: float = 0.3  # fraction of gradient entries kept, in (0, 1]
-    mask_seed: int | None = None  # CT-F/CT-R mask seed; None -> train.seed
+    mask_seed: int | None = None  # seed of a random mask (CT-F, ...); None -> train.seed
     ctf_kernel: str = "auto"  # CT-F: "eager", "compiled" (torch.compile), "auto" (compiled on CUDA + Triton)
     mask_file: str | None = None  # CT-D: use this mask instead of estimating Fisher
     child_only_optimizer: bool = (
-        False  # fixed child (CT-D, CT-R): AdamW state only for child entries (local, ddp, fsdp)
+        False  # a fixed child network: AdamW state only for child entries (local, ddp, fsdp)
     )
 
 

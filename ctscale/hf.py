@@ -220,9 +220,9 @@ def _zero_optimizer(model: torch.nn.Module, optimizer: Any) -> Any | None:
 class ChildTuningCallback(TrainerCallback):
     """CT-F or CT-D in a ``transformers.Trainer``; see the module docstring for the semantics.
 
-    method:        a registered method (``ctscale.methods``): "ct-f" (a fresh random child every
-                   step, ``grad * M / p``), "ct-d" (a fixed child network chosen by Fisher
-                   information, ``grad * M``), "ct-r" (a fixed random child network), "vanilla".
+    method:        a registered method (``ctscale.methods.method_names()``): "ct-f" (a fresh
+                   random child every step, ``grad * M / p``), "ct-d" (a fixed child network
+                   chosen by Fisher information, ``grad * M``), or any other registered one.
     reserve_p:     fraction of entries kept, in (0, 1].
     mask_seed:     CT-F seed (default ``TrainingArguments.seed``).
     mask_file:     CT-D: a saved ctscale mask (``ctscale fisher`` or a previous run); skips the
