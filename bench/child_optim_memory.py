@@ -118,7 +118,7 @@ def _step(args, backend, strategy, step: int, rank: int) -> tuple[float, float]:
 
 def _state_bytes(args, backend) -> tuple[int, int]:
     """This rank's optimizer state bytes: all, and over candidate tensors only."""
-    from ctscale.methods.child_optim import _local
+    from ctscale.dist import local_shard as _local
 
     total = cand = 0
     for name, p in backend.model.named_parameters():

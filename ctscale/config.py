@@ -22,7 +22,6 @@ import yaml
 
 from ctscale.errors import ConfigError
 from ctscale.methods.registry import check_method_config, method_names
-from ctscale.storage import atomic
 
 try:
     import tomllib
@@ -185,7 +184,7 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-class _Dumper(yaml.SafeDumper):
+class ConfigDumper(yaml.SafeDumper):
     """SafeDumper that quotes strings like ``1e3`` so ``_Loader`` keeps them str."""
 
 
@@ -194,7 +193,7 @@ yaml.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+.0123456789"),
     Loader=_Loader,
-    Dumper=_Dumper,
+    Dumper=ConfigDumper,
 )
 
 
@@ -449,14 +448,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         data = apply_overrides(data, overrides)
         source = "--set overrides" if path is None else f"{path} + --set overrides"
     return config_from_dict(data, source)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML, atomically (``ctscale.storage.atomic``)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".yaml", ".yml"):
-        raise ConfigError(f"{path}: save_config writes YAML; use a .yaml or .yml path")
-    atomic.write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
 # (requirement shown to the user, check, key paths it applies to)

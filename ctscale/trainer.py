@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 from ctscale import batching, dist, reporting, rundir
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
-from ctscale.config import Config, config_to_dict, save_config
+from ctscale.config import Config, config_to_dict
 from ctscale.errors import ConfigError, DataError
 from ctscale.methods.base import MaskStrategy
 from ctscale.methods.child_optim import ChildAdamW, ChildMask
@@ -30,7 +28,9 @@ from ctscale.methods.ct_d.fisher import FisherAccumulator, fisher_mode
 from ctscale.methods.registry import build_strategy, get_method, preflight, run_mask_path
 from ctscale.models import load_tokenizer
 from ctscale.profiling import StepProfiler, phase
+from ctscale.storage import atomic
 from ctscale.storage.checkpoint import STATE_FILE, CheckpointManager
+from ctscale.storage.config_snapshot import save_config
 from ctscale.storage.fingerprint import model_fingerprint
 from ctscale.tasks import load_task_data
 
@@ -385,11 +385,9 @@ class Trainer:
         state = self.backend.consolidated_state_dict()
         final = self.out / "model"
         if self.is_main:
-            tmp = self.out / f".model.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
-            self.tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, final)
+            with atomic.replacing_dir(final) as tmp:
+                self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
         dist.barrier()
         return final
 
@@ -399,13 +397,3 @@ def _gpu_memory() -> dict:
     if not torch.cuda.is_available():
         return {}
     return {"max_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a complete directory into place; the old one is removed only after the swap."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -88,8 +88,9 @@ def test_latest_pointing_to_a_missing_checkpoint_falls_back_in_one_line(trained,
 def test_every_written_file_takes_the_umask_mode(tmp_path, umask):
     """Masks, configs, predictions and plots are as readable as any file the user's umask makes
     (a group on a shared cluster filesystem), not 0600 as a bare temporary file would be."""
-    from ctscale.config import Config, save_config
+    from ctscale.config import Config
     from ctscale.storage import atomic
+    from ctscale.storage.config_snapshot import save_config
     from ctscale.storage.mask_file import MaskPiece, save_mask
 
     old = os.umask(umask)

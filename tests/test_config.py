@@ -16,10 +16,10 @@ from ctscale.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    save_config,
     validate,
 )
 from ctscale.errors import ConfigError, CtscaleError
+from ctscale.storage.config_snapshot import save_config
 
 YAML_RUN = """\
 model:

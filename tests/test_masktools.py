@@ -489,7 +489,7 @@ def test_cli_info_checks_a_mask_against_a_model(
 ) -> None:
     """``--model``: every mask tensor must exist in that model with its shape (no weights read)."""
     from ctscale.config import ModelConfig
-    from ctscale.models import meta_shapes
+    from ctscale.masktools import meta_shapes
 
     from conftest import write_tiny_bert
 

@@ -189,7 +189,7 @@ def test_overwrite_replaces_a_finished_run(tiny_bert, glue_dir, tmp_path, capsys
 
 
 def test_same_config_restarts_a_run_interrupted_before_its_first_checkpoint(tiny_bert, glue_dir, tmp_path):
-    from ctscale.config import save_config
+    from ctscale.storage.config_snapshot import save_config
 
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny_bert, glue_dir, run) + ["train.save_every=0"])

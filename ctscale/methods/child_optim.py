@@ -26,16 +26,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from ctscale.dist import local_shard
 from ctscale.errors import CtscaleError, MaskError
 from ctscale.methods.base import GradView
 from ctscale.methods.fixed_mask import FixedChildMask
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's storage of ``t`` (the shard of a DTensor; ``t`` itself otherwise)."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
