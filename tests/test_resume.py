@@ -1,6 +1,6 @@
 """Exact resume: 2 steps, preempted, resumed for 2 more == 4 uninterrupted steps.
 
-For every backend and both methods the resumed run must continue the data order, the
+For every backend and each masking method the resumed run must continue the data order, the
 learning-rate schedule, Adam's moments and the CT-F mask sequence exactly: bit for bit against
 the uninterrupted run of the same world size (the distributed matrix's run). Checkpoints come
 from ``train.save_every=2`` in the shared tiny config.
@@ -18,7 +18,7 @@ from dist_harness import run_world
 from dist_workers import stop_then_resume, tiny_overrides, train_attempts
 
 pytestmark = pytest.mark.slow
-METHODS = ("ct-f", "ct-d")
+METHODS = ("ct-f", "ct-d", "ct-r")  # ct-r: its child network is redrawn on resume, no file
 
 
 def _supported(row: str) -> bool:
