@@ -73,7 +73,7 @@ def _candidate(args, name: str) -> bool:
 
 def _fixed_mask(args, backend, p: float):
     """Local bool masks: ``p`` of each candidate tensor, the same draw on every rank."""
-    from ctscale.masks.fisher_d import FixedChildMask
+    from ctscale.methods.fixed_mask import FixedChildMask
 
     masks = {}
     for view in backend.shard_ranges():
@@ -85,7 +85,7 @@ def _fixed_mask(args, backend, p: float):
 
 def _child(cfg, backend, fixed, constant):
     """Child-only AdamW in place of the backend's (stateless so far) dense AdamW."""
-    from ctscale.child_optim import ChildMask
+    from ctscale.methods.child_optim import ChildMask
     from ctscale.trainer import adamw_factory
 
     child = ChildMask.from_fixed(fixed)
@@ -118,7 +118,7 @@ def _step(args, backend, strategy, step: int, rank: int) -> tuple[float, float]:
 
 def _state_bytes(args, backend) -> tuple[int, int]:
     """This rank's optimizer state bytes: all, and over candidate tensors only."""
-    from ctscale.child_optim import _local
+    from ctscale.dist import local_shard as _local
 
     total = cand = 0
     for name, p in backend.model.named_parameters():
@@ -128,7 +128,7 @@ def _state_bytes(args, backend) -> tuple[int, int]:
 
 
 def memory_world(rank: int, args, config: str) -> dict:
-    from ctscale.masks import NoMask
+    from ctscale.methods.vanilla import NoMask
 
     cfg, backend, constant = _setup(args)
     kind, _, p = config.partition(":")

@@ -261,8 +261,8 @@ def _portability(compile_check: bool) -> dict[str, bool]:
     """
     import torch
 
-    from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
-    from ctscale.select import select_top_k
+    from ctscale.methods.counter_rng import bernoulli_mask, keep_and_rescale_
+    from ctscale.methods.ct_d.topk import select_top_k
 
     device = _accelerator()
     n = (1 << 23) + 12345  # spans chunk boundaries of both the hash and the selection
@@ -299,7 +299,7 @@ def _kernel_timings(n: int = 1 << 27, repeats: int = 7) -> dict[str, float]:
     fp32 tensor of ``n`` entries (medians over ``repeats``, after one untimed call each)."""
     import torch
 
-    from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
+    from ctscale.methods.counter_rng import bernoulli_mask, keep_and_rescale_
 
     device = _accelerator()
     grad, param = torch.randn(n, device=device), torch.nn.Parameter(torch.randn(n, device=device))
@@ -326,7 +326,7 @@ def _selection_seconds(n: int = 1 << 30) -> dict[str, float]:
     process, so no collectives), in 8 pieces; median of 3 after one untimed call."""
     import torch
 
-    from ctscale.select import select_top_k
+    from ctscale.methods.ct_d.topk import select_top_k
 
     pieces = {(f"p{i}", 0): torch.empty(n // 8, device=_accelerator()).exponential_() for i in range(8)}
     k = int(0.3 * n)

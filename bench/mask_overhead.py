@@ -51,8 +51,10 @@ def build(backend_name: str, world: int, a: dict):
 
     from ctscale.backends import build_backend
     from ctscale.config import load_config
-    from ctscale.fisher import candidate_filter
-    from ctscale.masks import FixedChildMask, NoMask, RandomChildMask
+    from ctscale.methods.ct_d.fisher import candidate_filter
+    from ctscale.methods.ct_f import RandomChildMask
+    from ctscale.methods.fixed_mask import FixedChildMask
+    from ctscale.methods.vanilla import NoMask
     from ctscale.trainer import adamw_factory
 
     kind = "deepspeed" if backend_name.startswith("zero") else backend_name
@@ -217,7 +219,7 @@ def ctf_breakdown(p: float, n: int = 768 * 3072, repeats: int = 11) -> str:
     BERT-base's largest block shape; parts interleaved within each repeat, medians."""
     import torch
 
-    from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
+    from ctscale.methods.counter_rng import bernoulli_mask, keep_and_rescale_
 
     torch.set_num_threads(1)
     grad, param = torch.randn(n), torch.nn.Parameter(torch.randn(n))

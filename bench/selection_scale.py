@@ -11,7 +11,7 @@ below 0.05 set to 0 (~5 % zeros: entries that never got a gradient). Seeds depen
 tensor and the range, so the parent process can regenerate the same scores.
 
 On 2 gloo ranks (tests/dist_harness.run_world, 1 thread each), per repeat:
-``ctscale.select.select_top_k(pieces, k)`` with ``k = round(p * N)`` (the whole selection,
+``ctscale.methods.ct_d.topk.select_top_k(pieces, k)`` with ``k = round(p * N)`` (the whole selection,
 including the returned bool masks), and separately its threshold search
 ``kth_largest_bits`` alone. Time: after a barrier, the slowest rank, median over repeats. Memory:
 a thread samples this rank's RSS (psutil) every 5 ms; peak extra = peak RSS during the call minus
@@ -95,7 +95,7 @@ def measure(fn):
 def worker(rank: int, world: int, n: int, a: dict) -> dict:
     """Generate this rank's shard, then time/measure select_top_k and kth_largest_bits."""
     from ctscale import dist
-    from ctscale.select import kth_largest_bits, select_top_k
+    from ctscale.methods.ct_d.topk import kth_largest_bits, select_top_k
 
     dist.init_from_env()  # gloo; run_world set the launcher environment
     assert dist.world_size() == world, "the ranks did not form one process group"

@@ -65,7 +65,7 @@ def cmd_fisher(args: argparse.Namespace) -> int:
             "set and would be ignored; remove method.mask_file (train with a saved mask via "
             "`ctscale train --mask FILE`)"
         )
-    from ctscale.child import default_mask_path, estimate_and_save_mask
+    from ctscale.methods.ct_d.pipeline import default_mask_path, estimate_and_save_mask
     from ctscale.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -102,7 +102,7 @@ def _version() -> str:
 
 def cmd_mask_info(args: argparse.Namespace) -> int:
     from ctscale.masktools import check_fits_model, density_table, format_table
-    from ctscale.store import verify
+    from ctscale.storage.mask_file import verify
 
     info = verify(args.path)  # a corrupt or truncated file is an error, not a summary
     print(f"mask: {info.path} (format {info.format_version}, {len(info.files)} file(s), checksum ok)")
@@ -154,7 +154,7 @@ def cmd_mask_overlap(args: argparse.Namespace) -> int:
 
 def cmd_mask_plot(args: argparse.Namespace) -> int:
     from ctscale.masktools import plot_density
-    from ctscale.store import read_info
+    from ctscale.storage.mask_file import read_info
 
     matrix = plot_density(read_info(args.path), args.out)
     cols = len(matrix[0]) if matrix else 0
@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML or TOML config file (defaults if omitted)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-5")
 
-    train = sub.add_parser("train", help="fine-tune (vanilla, ct-f or ct-d)")
+    train = sub.add_parser(
+        "train", help="fine-tune (method.name: any registered method, e.g. vanilla, ct-f, ct-d)"
+    )
     with_config(train)
     train.add_argument("--mask", help="CT-D mask file or directory to train with (skips the Fisher pass)")
     train.add_argument(

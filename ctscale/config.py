@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from ctscale import atomic
 from ctscale.errors import ConfigError
+from ctscale.methods.registry import check_method_config, method_names
 
 try:
     import tomllib
@@ -101,14 +101,16 @@ class TrainConfig:
 
 @dataclass
 class MethodConfig:
-    """Fine-tuning method: vanilla, Child-Tuning-F (random mask), Child-Tuning-D."""
+    """Fine-tuning method: any registered in ``ctscale.methods`` (vanilla, ct-f, ct-d, ...)."""
 
-    name: str = "vanilla"
+    name: str = "vanilla"  # a registered method (ctscale.methods.registry)
     reserve_p: float = 0.3  # fraction of gradient entries kept, in (0, 1]
-    mask_seed: int | None = None  # CT-F mask seed; None -> train.seed
+    mask_seed: int | None = None  # seed of a random mask (CT-F, ...); None -> train.seed
     ctf_kernel: str = "auto"  # CT-F: "eager", "compiled" (torch.compile), "auto" (compiled on CUDA + Triton)
     mask_file: str | None = None  # CT-D: use this mask instead of estimating Fisher
-    child_only_optimizer: bool = False  # CT-D: AdamW state only for child entries (local, ddp, fsdp)
+    child_only_optimizer: bool = (
+        False  # a fixed child network: AdamW state only for child entries (local, ddp, fsdp)
+    )
 
 
 @dataclass
@@ -149,7 +151,6 @@ class Config:
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "method.name": ("vanilla", "ct-f", "ct-d"),
     "method.ctf_kernel": ("auto", "eager", "compiled"),
     "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
     "data.overlong": ("truncate", "drop"),
@@ -183,7 +184,7 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-class _Dumper(yaml.SafeDumper):
+class ConfigDumper(yaml.SafeDumper):
     """SafeDumper that quotes strings like ``1e3`` so ``_Loader`` keeps them str."""
 
 
@@ -192,7 +193,7 @@ yaml.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+.0123456789"),
     Loader=_Loader,
-    Dumper=_Dumper,
+    Dumper=ConfigDumper,
 )
 
 
@@ -449,14 +450,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(data, source)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML, atomically (``ctscale.atomic``)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".yaml", ".yml"):
-        raise ConfigError(f"{path}: save_config writes YAML; use a .yaml or .yml path")
-    atomic.write_text(path, yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False))
-
-
 # (requirement shown to the user, check, key paths it applies to)
 _RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
     ("non-empty", lambda v: bool(v.strip()), ("model.name_or_path", "data.task", "train.output_dir")),
@@ -481,7 +474,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], tuple[str, ...]]] = [
 def validate(cfg: Config, *, source: str = "<dict>") -> None:
     """Semantic checks (choices, ranges, cross-field rules); raises ConfigError."""
     where = _where(source)
-    for path, choices in CHOICES.items():
+    for path, choices in {**CHOICES, "method.name": method_names()}.items():
         if (value := _get(cfg, path)) not in choices:
             raise ConfigError(
                 f"{path}: unknown value {value!r}{where}; choose one of "
@@ -515,12 +508,7 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             "distributed.deepspeed_config to a DeepSpeed JSON file or "
             "distributed.zero_stage to 0..3"
         )
-    if cfg.method.child_only_optimizer and cfg.method.name != "ct-d":
-        raise ConfigError(
-            f"method.child_only_optimizer needs a fixed child network (method.name 'ct-d'), got "
-            f"method.name {cfg.method.name!r}{where}; set method.name=ct-d or "
-            "method.child_only_optimizer=false"
-        )
+    check_method_config(cfg, where)
     if cfg.method.child_only_optimizer and dist.backend == "deepspeed":
         raise ConfigError(
             f"method.child_only_optimizer is not supported with distributed.backend 'deepspeed'"

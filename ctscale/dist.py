@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def is_distributed() -> bool:
@@ -160,3 +161,8 @@ def shutdown() -> None:
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's storage of ``t`` (the shard of a DTensor; ``t`` itself otherwise)."""
+    return t.to_local() if isinstance(t, DTensor) else t

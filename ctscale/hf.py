@@ -4,7 +4,7 @@
     trainer.add_callback(ChildTuningCallback("ct-f", reserve_p=0.3))   # or callbacks=[...]
 
 The callback masks the gradient where the engine keeps it, with ctscale's own strategies
-(``ctscale.masks``), touching only this rank's local shard, with no collective per step:
+(``ctscale.methods``), touching only this rank's local shard, with no collective per step:
 
 - one process and DDP: the whole (all-reduced) ``p.grad`` of every parameter;
 - FSDP2 (accelerate ``fsdp_version: 2`` or transformers' ``DistributedConfig(fsdp_size=N)``):
@@ -29,7 +29,7 @@ of (seed, step, canonical name, flat index), so it is the same at any world size
 CT-D uses a fixed child network, from ``mask_file`` (written by ``ctscale fisher`` or a previous
 run) or from a Fisher pass run by the callback before the first step over ``fisher_batches``
 global batches of the Trainer's own training dataloader (default: one epoch), with ctscale's
-estimator (``ctscale.fisher``: per-tensor clip of each global batch's reduced gradient, squares
+estimator (``ctscale.methods.ct_d.fisher``: per-tensor clip of each global batch's reduced gradient, squares
 averaged; exact distributed top-p), with dropout off unless ``fisher_dropout`` (as
 ``fisher.dropout``: otherwise the mask depends on the world size). The mask is saved in
 ``output_dir`` and a resumed run reloads it.
@@ -39,8 +39,8 @@ LoRA (a PEFT model: trainable ``lora_A``/``lora_B`` adapter tensors): CT-D selec
 Fisher pass the gradient of A (``B^T`` times the output gradient) is exactly zero: a global
 top-p over A and B would keep no entry of A and freeze it for the whole run. The default
 candidates of a PEFT model are therefore ``lora_B``; candidates that match a ``lora_A`` tensor
-are refused with this reason (``ctscale.lora``). Any candidate tensor whose Fisher is all zero,
-in any model, is reported in one warning (``ctscale.fisher.select_child``).
+are refused with this reason (``ctscale.methods.ct_d.lora_scope``). Any candidate tensor whose Fisher is all zero,
+in any model, is reported in one warning (``ctscale.methods.ct_d.fisher.select_child``).
 
 What it reports: at ``on_train_begin`` one console line on rank 0 (the Fisher pass's batches
 and seconds, the mask's selected/total entries), and the same numbers as
@@ -51,7 +51,6 @@ and seconds, the mask's selected/total entries), and the same numbers as
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,12 +61,15 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ctscale import dist, lora, store
+from ctscale import dist
 from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
-from ctscale.child import default_mask_path, describe_child, load_fixed_mask, save_child_network
+from ctscale.config import Config
 from ctscale.errors import ConfigError, CtscaleError, MaskError
-from ctscale.fisher import FisherAccumulator, candidate_filter, fisher_mode
-from ctscale.masks import GradView, MaskStrategy, RandomChildMask
+from ctscale.methods import method_names
+from ctscale.methods.base import GradView, MaskStrategy
+from ctscale.methods.ct_d import lora_scope
+from ctscale.methods.ct_d.fisher import FisherAccumulator, fisher_mode
+from ctscale.methods.registry import MethodSpec, build_strategy, get_method
 
 # prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -83,7 +85,7 @@ def canonical_name(name: str) -> str:
 class LocalShards:
     """Where this rank's gradients live in a model the Trainer is training (not DeepSpeed).
 
-    Duck-types what ``ctscale.child.load_fixed_mask`` needs from a backend (``param_shapes``,
+    Duck-types what ``ctscale.methods.ct_d.pipeline.load_fixed_mask`` needs from a backend (``param_shapes``,
     ``shard_ranges``). Ranges are computed once; gradients are read per step.
     """
 
@@ -218,8 +220,9 @@ def _zero_optimizer(model: torch.nn.Module, optimizer: Any) -> Any | None:
 class ChildTuningCallback(TrainerCallback):
     """CT-F or CT-D in a ``transformers.Trainer``; see the module docstring for the semantics.
 
-    method:        "ct-f" (a fresh random child every step, ``grad * M / p``) or "ct-d" (a fixed
-                   child network chosen by Fisher information, ``grad * M``).
+    method:        a registered method (``ctscale.methods.method_names()``): "ct-f" (a fresh
+                   random child every step, ``grad * M / p``), "ct-d" (a fixed child network
+                   chosen by Fisher information, ``grad * M``), or any other registered one.
     reserve_p:     fraction of entries kept, in (0, 1].
     mask_seed:     CT-F seed (default ``TrainingArguments.seed``).
     mask_file:     CT-D: a saved ctscale mask (``ctscale fisher`` or a previous run); skips the
@@ -248,17 +251,23 @@ class ChildTuningCallback(TrainerCallback):
         exclude: Sequence[str] = (),
         mask_out: str | os.PathLike | None = None,
     ) -> None:
-        if method not in ("ct-f", "ct-d"):
-            raise ConfigError(f"ChildTuningCallback: method={method!r}; use 'ct-f' or 'ct-d'")
+        if method not in method_names():
+            raise ConfigError(
+                f"ChildTuningCallback: method={method!r}; use one of {', '.join(map(repr, method_names()))}"
+            )
+        spec = get_method(method)
         if not 0.0 < reserve_p <= 1.0:
             raise ConfigError(f"ChildTuningCallback: reserve_p={reserve_p} must be in (0, 1]")
-        if method == "ct-f" and (mask_file is not None or fisher_batches is not None):
+        if not spec.reads_mask_file and (mask_file is not None or fisher_batches is not None):
+            readers = " or ".join(repr(n) for n in method_names() if get_method(n).reads_mask_file)
             raise ConfigError(
-                "ChildTuningCallback: mask_file and fisher_batches are CT-D options; use method='ct-d'"
+                f"ChildTuningCallback: mask_file and fisher_batches are CT-D options (a saved or "
+                f"Fisher-estimated child network); method={method!r} reads neither, use method={readers}"
             )
         if fisher_batches is not None and fisher_batches < 1:
             raise ConfigError(f"ChildTuningCallback: fisher_batches={fisher_batches} must be >= 1")
         self.method = method
+        self.spec: MethodSpec = spec
         self.reserve_p = reserve_p
         self.mask_seed = mask_seed
         self.mask_file = None if mask_file is None else str(mask_file)
@@ -294,14 +303,7 @@ class ChildTuningCallback(TrainerCallback):
 
     def _describe(self) -> str:
         """The console line on the child network: ``child-tuning: ct-d, 5,126 of 17,088 ...``."""
-        s = self.summary
-        if self.method == "ct-f":
-            return f"child-tuning: {describe_child('ct-f', self.reserve_p)}"
-        fisher = None
-        if "child_tuning/fisher_batches" in s:
-            fisher = (int(s["child_tuning/fisher_batches"]), s["child_tuning/fisher_seconds"])
-        selected, total = int(s["child_tuning/selected"]), int(s["child_tuning/total"])
-        return f"child-tuning: {describe_child('ct-d', self.reserve_p, selected, total, fisher=fisher)}"
+        return f"child-tuning: {self._child_line}"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Merge the ``child_tuning/*`` summary into the first record the Trainer logs (its
@@ -313,35 +315,61 @@ class ChildTuningCallback(TrainerCallback):
             state.log_history[-1].update(self.summary)
         self._summary_logged = True
 
+    def _config(self, args, model: torch.nn.Module) -> Config:
+        """The ctscale config this callback's arguments and the Trainer's stand for (the method,
+        CT-D's Fisher settings and scope, the run directory), read by the method's ``build``."""
+        assert self.shards is not None
+        cfg = Config()
+        cfg.method.name, cfg.method.reserve_p = self.method, self.reserve_p
+        cfg.method.mask_seed, cfg.method.mask_file = self.mask_seed, self.mask_file
+        cfg.train.seed, cfg.train.output_dir = args.seed, str(args.output_dir)
+        cfg.model.name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "")
+        cfg.data.task = "hf-trainer"
+        cfg.fisher.candidates = lora_scope.ctd_scope(
+            self.candidates, self.exclude, self.shards.param_shapes()
+        )
+        cfg.fisher.exclude = list(self.exclude)
+        cfg.fisher.max_grad_norm, cfg.fisher.dropout = self.fisher_max_grad_norm, self.fisher_dropout
+        return cfg
+
     def _build_strategy(self, args, state, model, loader, deepspeed: bool) -> MaskStrategy:
-        if self.method == "ct-f":
-            seed = args.seed if self.mask_seed is None else self.mask_seed
-            return RandomChildMask(self.reserve_p, seed)
-        path = self.mask_file
-        if path is None and deepspeed:
+        """The method's strategy, built by the method (``ctscale.methods``) as ``ctscale train``
+        builds it; the Fisher pass, where the method runs one, is ``_fisher_pass``."""
+        if deepspeed and self.spec.fisher_pass and self.mask_file is None:
             raise ConfigError(
-                "ChildTuningCallback: CT-D under DeepSpeed needs mask_file= (the Fisher pass runs "
-                "outside DeepSpeed's step); make the mask with `ctscale fisher`, or with this callback "
-                "in a 1-process/DDP/FSDP2 run of the same model and data"
+                f"ChildTuningCallback: method {self.method!r} makes its child network with a Fisher "
+                "pass, and CT-D under DeepSpeed needs mask_file= (the Fisher pass runs outside "
+                "DeepSpeed's step); make the mask with `ctscale fisher`, or with this callback in a "
+                "1-process/DDP/FSDP2 run of the same model and data"
             )
-        if path is None:
-            path = self.mask_out or str(default_mask_path(args.output_dir))
-            if state.global_step == 0:  # a resumed run keeps the child network it started with
-                self._estimate_and_save(args, model, loader, Path(path))
-            elif not Path(path).exists():
-                raise MaskError(
-                    f"resuming at step {state.global_step} but the run's CT-D mask {path} is missing; "
-                    "pass mask_file= (a Fisher pass on trained weights would pick another child)"
-                )
-        strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
-        info = store.read_info(path)
-        self.summary |= {
-            "child_tuning/selected": info.total_selected,
-            "child_tuning/total": info.total_entries,
-        }
-        if not any(strategy.is_candidate(n) for n in self.shards.param_shapes()):
-            raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
-        lora.refuse_frozen_lora_a(path)
+        cfg = self._config(args, model)
+        path, resumed = None, None
+        if self.spec.mask_path is not None:
+            path = self.mask_file or self.mask_out or self.spec.mask_path(cfg, None)
+            if self.mask_file is None and state.global_step > 0:  # a resumed run keeps its child
+                if not Path(path).exists():
+                    raise MaskError(
+                        f"resuming at step {state.global_step} but the run's mask {path} is missing; "
+                        "pass mask_file= (a Fisher pass on trained weights would pick another child)"
+                    )
+                resumed = path
+
+        def fisher_pass(fisher: FisherAccumulator) -> None:
+            self._fisher_pass(args, model, loader, fisher)
+
+        seconds: dict[str, float] = {}
+        strategy = build_strategy(cfg, self.shards, fisher_pass, resumed, seconds, self.mask_out)
+        if path is not None:
+            lora_scope.refuse_frozen_lora_a(path)
+        child = self.spec.describe(cfg, path, seconds) if self.spec.describe else None
+        self._child_line = child.line if child else self.method
+        if child is not None and child.selected is not None:
+            self.summary |= {"child_tuning/selected": child.selected, "child_tuning/total": child.total}
+        if child is not None and child.fisher_batches is not None:
+            self.summary |= {
+                "child_tuning/fisher_batches": child.fisher_batches,
+                "child_tuning/fisher_seconds": seconds["fisher"],
+            }
         return strategy
 
     def _hook_zero_step(self, zero: Any, state) -> None:
@@ -363,14 +391,10 @@ class ChildTuningCallback(TrainerCallback):
 
         self._unhook = unhook
 
-    def _estimate_and_save(self, args, model: torch.nn.Module, loader, path: Path) -> None:
-        """CT-D Fisher pass over global batches of ``loader``, exact top-p, mask saved. Collective."""
+    def _fisher_pass(self, args, model: torch.nn.Module, loader, fisher: FisherAccumulator) -> None:
+        """CT-D's Fisher pass over global batches of the Trainer's ``loader`` (the method's
+        estimator, selection and saving do the rest). Collective."""
         assert self.shards is not None
-        shapes = self.shards.param_shapes()
-        scope = lora.ctd_scope(self.candidates, self.exclude, shapes)
-        is_candidate = candidate_filter(scope, self.exclude)
-        candidates = {n: s for n, s in shapes.items() if is_candidate(n)}
-        fisher = FisherAccumulator(candidates, self.fisher_max_grad_norm)  # raises if none match
         accum = args.gradient_accumulation_steps
         available = len(loader) // accum
         batches = self.fisher_batches or available
@@ -379,7 +403,7 @@ class ChildTuningCallback(TrainerCallback):
                 f"ChildTuningCallback: fisher_batches={batches} but one epoch holds {available} "
                 f"global batches; lower fisher_batches"
             )
-        was_training, started = model.training, time.perf_counter()
+        was_training = model.training
         model.train()  # as ctscale's Fisher pass: training mode, dropout per fisher_dropout
         micro = iter(loader)
         with fisher_mode(model, self.fisher_dropout) as model_step:
@@ -392,18 +416,6 @@ class ChildTuningCallback(TrainerCallback):
                 fisher.add(self.shards.grad_views())
                 model.zero_grad(set_to_none=True)
         model.train(was_training)
-        self.summary |= {
-            "child_tuning/fisher_batches": batches,
-            "child_tuning/fisher_seconds": round(time.perf_counter() - started, 3),
-        }
-        provenance = {
-            "seed": args.seed,
-            "scope": {"candidates": scope, "exclude": self.exclude},
-            "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
-            "task": "hf-trainer",
-            "fisher_dropout": self.fisher_dropout,
-        }
-        save_child_network(path, fisher, self.reserve_p, shapes, provenance)
 
     # -- every optimizer step -------------------------------------------------------------
     def _apply(self, step: int) -> None:

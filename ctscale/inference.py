@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ctscale import atomic
 from ctscale.config import Config, load_config
 from ctscale.errors import ConfigError, DataError
+from ctscale.storage import atomic
 from ctscale.tasks.sources import Table, dataset_split, open_dataset, read_file, train_and_eval
 
 CAUSAL_TASKS = ("jsonl", "chat")
@@ -126,10 +126,11 @@ def evaluate_run(
 
 def _eval_data(cfg: Config, tokenizer, model, data: str | None, split: str | None):
     """A TaskData whose split ``eval`` is what to score."""
+    from ctscale.tasks.base import subsample
     from ctscale.tasks.causal_lm import JsonlData, encode, load_jsonl
-    from ctscale.tasks.chat import _Rows, conversations, encode_chat
-    from ctscale.tasks.classification import GlueData, subsample
-    from ctscale.tasks.glue import _load_tsv, default_glue_dir, get_task, load_glue_split
+    from ctscale.tasks.chat import Rows, conversations, encode_chat
+    from ctscale.tasks.glue import default_glue_dir, get_task, load_glue_split, load_glue_tsv
+    from ctscale.tasks.glue_data import GlueData
     from ctscale.tasks.tabular import make_task, to_examples
 
     d = cfg.data
@@ -147,14 +148,14 @@ def _eval_data(cfg: Config, tokenizer, model, data: str | None, split: str | Non
         return JsonlData(tokens, {"eval": tokens}, tokenizer.pad_token_id)
     if d.task == "chat":
         table = _eval_table(cfg, data, split)
-        rows = limit(_Rows(zip(conversations(table), table.numbers)))
+        rows = limit(Rows(zip(conversations(table), table.numbers)))
         convs, numbers = [c for c, _ in rows], [n for _, n in rows]
         tokens = encode_chat(convs, tokenizer, d.max_length, d.overlong, table.name, numbers)
         return JsonlData(tokens, {"eval": tokens}, tokenizer.pad_token_id)
     if d.task not in ("classification", "regression"):  # a GLUE task
         task = get_task(d.task)
         if data:
-            examples = _load_tsv(task, Path(data))
+            examples = load_glue_tsv(task, Path(data))
         else:
             data_dir = d.data_dir or default_glue_dir()
             examples = limit(load_glue_split(task, split or task.eval_splits[0], data_dir))
@@ -227,17 +228,17 @@ def _classify(cfg: Config, tokenizer, model, table: Table, batch_size: int) -> l
 
 def _prompt_ids(cfg: Config, tokenizer, table: Table, i: int, row: dict) -> list[int]:
     """The context to continue: chat rows through the chat template (generation prompt)."""
-    from ctscale.tasks.chat import _messages
+    from ctscale.tasks.chat import checked_messages
 
     chat = cfg.data.task == "chat" or cfg.data.chat_template
     if row.get("messages") is not None:
-        messages = _messages(row["messages"], table.where(i, "messages"))
+        messages = checked_messages(row["messages"], table.where(i, "messages"))
         while messages and messages[-1]["role"] == "assistant":  # a reference answer: not input
             messages.pop()
     elif row.get("prompt") is not None:
         if not chat:
             return tokenizer(row["prompt"])["input_ids"]  # as causal_lm.encode: with specials
-        messages = _messages(row["prompt"], table.where(i, "prompt"), "user")
+        messages = checked_messages(row["prompt"], table.where(i, "prompt"), "user")
     elif isinstance(row.get("text"), str):
         return tokenizer(row["text"])["input_ids"]
     else:
@@ -276,6 +277,6 @@ def _generate(cfg: Config, tokenizer, model, table: Table, gen: Generation) -> l
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """All lines or none (``ctscale.atomic``)."""
+    """All lines or none (``ctscale.storage.atomic``)."""
     with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)

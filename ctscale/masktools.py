@@ -13,20 +13,21 @@ tensor at a time.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 
-from ctscale import atomic, store
 from ctscale.errors import CtscaleError, MaskError
-from ctscale.store import MaskInfo
+from ctscale.storage import atomic, mask_file
+from ctscale.storage.mask_file import MaskInfo
+
+if TYPE_CHECKING:
+    from ctscale.config import ModelConfig
 
 # The integer after the first `layer.` / `layers.` / `h.` / `block(s).` component is the layer index.
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")
@@ -172,49 +173,25 @@ def format_table(table: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _stream(path: str | Path, info: MaskInfo, names: Sequence[str]) -> Iterator[torch.Tensor]:
-    """Global 1-D bool bits of each of ``names`` in turn; one tensor in memory at a time.
-
-    Unlike per-tensor ``store.load_mask`` calls, each file's checksum is verified once.
-    """
-    _, files = store._layout(Path(path))
-    parts: dict[str, list[tuple[Path, str, dict[str, Any]]]] = {}
-    for f, checksum, descs in files:
-        for d in descs:
-            parts.setdefault(d["name"], []).append((f, checksum, d))
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for name in names:
-            n = math.prod(info.shapes[name])
-            bits, cursor = torch.zeros(n, dtype=torch.bool), 0
-            for f, checksum, d in sorted(parts[name], key=lambda p: p[2]["start"]):
-                if d["start"] == d["end"]:
-                    continue  # an empty piece of an empty tensor
-                if d["start"] != cursor:
-                    break  # a gap: reported below
-                if f not in handles:
-                    if not f.is_file():
-                        raise MaskError(f"{path}: shard {f.name} is missing; re-create the mask")
-                    store._verify(f, checksum)
-                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
-                bits[cursor : d["end"]] = store._read_range(handles[f], d, d["start"], d["end"])
-                cursor = d["end"]
-            if cursor != n or int(torch.count_nonzero(bits)) != info.selected[name]:
-                raise MaskError(f"{path}: the bits of {name!r} disagree with its index; re-create the mask")
-            yield bits
-
-
 def check_fits_model(info: MaskInfo, name_or_path: str, task: str | None = None) -> int:
     """MaskError unless every tensor of the mask exists, with its shape, in the model that
     ``name_or_path`` (any ``model.name_or_path`` form) builds for ``task`` (default: the mask's
     own task), the same check training does. Built on the meta device: no weights are read.
     Returns the number of mask tensors checked."""
     from ctscale.config import ModelConfig
-    from ctscale.models import meta_shapes
 
     shapes = meta_shapes(ModelConfig(name_or_path=name_or_path), task or info.metadata.get("task") or "rte")
-    store.check_names(info, shapes)
+    mask_file.check_names(info, shapes)
     return len(info.shapes)
+
+
+def meta_shapes(cfg: ModelConfig, task: str) -> dict[str, tuple[int, ...]]:
+    """``parameter_shapes`` of the model training builds from ``cfg`` for ``task`` (a GLUE task,
+    or ``jsonl``: a causal LM), without reading weights (``models.meta_model``)."""
+    from ctscale.models import meta_model, parameter_shapes
+    from ctscale.tasks import get_task
+
+    return parameter_shapes(meta_model(cfg, None if task == "jsonl" else get_task(task)))
 
 
 def _same_model(infos: Sequence[MaskInfo]) -> None:
@@ -248,12 +225,12 @@ def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
     """
     if len(paths) < 2:
         raise MaskError(f"overlap needs two or more masks, got {len(paths)}")
-    infos = [store.read_info(p) for p in paths]
+    infos = [mask_file.read_info(p) for p in paths]
     _same_model(infos)
     names = sorted(infos[0].shapes)
     k, total = len(paths), infos[0].total_entries
     inter = dict.fromkeys(itertools.combinations(range(k), 2), 0)
-    for bits in zip(*(_stream(p, info, names) for p, info in zip(paths, infos))):
+    for bits in zip(*(mask_file.iter_full_tensors(p, info, names) for p, info in zip(paths, infos))):
         for i, j in inter:
             inter[i, j] += int(torch.count_nonzero(bits[i] & bits[j]))
 

@@ -6,7 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from transformers import (
@@ -19,8 +19,20 @@ from transformers import (
 from ctscale.config import ModelConfig
 from ctscale.errors import ConfigError
 
-if TYPE_CHECKING:  # the tasks import this module to build their models
-    from ctscale.tasks import GlueTask
+
+class ClassifierHead(Protocol):
+    """What a classifier's head is built from (a ``ctscale.tasks`` GlueTask has it); a
+    Protocol, so that this module, which the tasks import, imports no task."""
+
+    @property
+    def num_labels(self) -> int: ...
+
+    @property
+    def is_regression(self) -> bool: ...
+
+    @property
+    def label_list(self) -> tuple[str, ...] | None: ...
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PYPI_PREFIX = "pypi:"
@@ -102,7 +114,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_classifier(cfg: ModelConfig, task: GlueTask) -> torch.nn.Module:
+def load_classifier(cfg: ModelConfig, task: ClassifierHead) -> torch.nn.Module:
     """``AutoModelForSequenceClassification`` for ``task`` (regression head for STS-B); the
     label strings go into the exported config (``id2label``/``label2id``) so that a saved model
     names its predictions."""
@@ -198,14 +210,6 @@ def meta_model(cfg: ModelConfig, task: Any = None) -> torch.nn.Module:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **overrides)
         with torch.device("meta"):
             return auto.from_config(config, trust_remote_code=trust)
-
-
-def meta_shapes(cfg: ModelConfig, task: str) -> dict[str, tuple[int, ...]]:
-    """``parameter_shapes`` of the model training builds from ``cfg`` for ``task`` (a GLUE task,
-    or ``jsonl``: a causal LM), without reading weights (``meta_model``)."""
-    from ctscale.tasks import get_task
-
-    return parameter_shapes(meta_model(cfg, None if task == "jsonl" else get_task(task)))
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ctscale import batching, dist, rundir
 from ctscale.config import Config
+from ctscale.methods.registry import get_method
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -53,8 +54,8 @@ def memory_estimate(cfg: Config, params: int, world: int, zero_stage: int | None
 def build_plan(cfg: Config) -> dict[str, Any]:
     """The plan of ``ctscale train`` for ``cfg``: reads the tokenizer and the data, never the
     weights. Raises the same errors as training would for bad data or batch sizes."""
-    from ctscale.child import check_mask_on_record
     from ctscale.errors import DataError
+    from ctscale.methods.registry import preflight
     from ctscale.models import load_tokenizer
     from ctscale.tasks import load_task_data
 
@@ -64,7 +65,7 @@ def build_plan(cfg: Config) -> dict[str, Any]:
     # the run's own refusal of a finished or different run in output_dir (reads only; the
     # writability probe, which creates a file, is left to the run)
     previous = rundir.check_reuse(Path(t.output_dir), cfg)
-    check_mask_on_record(cfg)
+    preflight(cfg)
     data = load_task_data(cfg, load_tokenizer(cfg.model))
     per_epoch = batching.steps_per_epoch(data.train_size, t.batch_size)
     if per_epoch == 0:
@@ -98,18 +99,8 @@ def build_plan(cfg: Config) -> dict[str, Any]:
 
 
 def mask_source(cfg: Config, train_size: int) -> str:
-    """Where the run's child network comes from, in words."""
-    m = cfg.method
-    if m.name == "vanilla":
-        return "none (vanilla: every entry trains)"
-    if m.name == "ct-f":
-        seed = cfg.train.seed if m.mask_seed is None else m.mask_seed
-        return f"CT-F: a fresh Bernoulli(p={m.reserve_p}) mask every step, seed {seed}"
-    if m.mask_file:
-        return f"CT-D: mask file {m.mask_file} (p={m.reserve_p})"
-    batch = cfg.fisher.batch_size or cfg.train.batch_size
-    batches = cfg.fisher.num_batches or batching.steps_per_epoch(train_size, batch)
-    return f"CT-D: Fisher pass of {batches} global batches of {batch}, then top p={m.reserve_p}"
+    """Where the run's child network comes from, in words (the method's ``plan``)."""
+    return get_method(cfg.method.name).plan(cfg, train_size)
 
 
 def format_plan(plan: dict[str, Any]) -> list[str]:

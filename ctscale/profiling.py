@@ -21,7 +21,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from ctscale import atomic
+from ctscale.storage import atomic
 
 PHASES = ("forward_backward", "mask", "optimizer_step")
 

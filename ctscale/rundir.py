@@ -23,9 +23,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ctscale import atomic, dist
+from ctscale import dist
 from ctscale.config import Config, config_to_dict, load_config
 from ctscale.errors import ConfigError, CtscaleError
+from ctscale.storage import atomic
 
 CONFIG_FILE = "config.yaml"
 FINISHED_FILE = "finished.json"  # written last by a run that completed; holds its final metrics

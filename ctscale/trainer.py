@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,24 +17,21 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ctscale import batching, dist, reporting, rundir, store
+from ctscale import batching, dist, reporting, rundir
 from ctscale.backends import build_backend
 from ctscale.backends.base import Backend, NamedParams
-from ctscale.checkpoint import STATE_FILE, CheckpointManager
-from ctscale.child import (
-    build_strategy,
-    check_mask_on_record,
-    ctd_mask_path,
-    describe_child,
-    model_fingerprint,
-)
-from ctscale.child_optim import ChildAdamW, ChildMask
-from ctscale.config import Config, config_to_dict, save_config
+from ctscale.config import Config, config_to_dict
 from ctscale.errors import ConfigError, DataError
-from ctscale.fisher import FisherAccumulator, fisher_mode
-from ctscale.masks import MaskStrategy
+from ctscale.methods.base import MaskStrategy
+from ctscale.methods.child_optim import ChildAdamW, ChildMask
+from ctscale.methods.ct_d.fisher import FisherAccumulator, fisher_mode
+from ctscale.methods.registry import build_strategy, get_method, preflight, run_mask_path
 from ctscale.models import load_tokenizer
 from ctscale.profiling import StepProfiler, phase
+from ctscale.storage import atomic
+from ctscale.storage.checkpoint import STATE_FILE, CheckpointManager
+from ctscale.storage.config_snapshot import save_config
+from ctscale.storage.fingerprint import model_fingerprint
 from ctscale.tasks import load_task_data
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -45,7 +40,7 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 def adamw_factory(cfg: Config, child: ChildMask | None = None):
     """AdamW with decoupled weight decay on every entry except biases and norms (as HF).
 
-    With ``child`` (CT-D, ``method.child_only_optimizer``): ``ChildAdamW``, the same update with
+    With ``child`` (a fixed child network, ``method.child_only_optimizer``): ``ChildAdamW``, the same update with
     state only for the child entries of candidate parameters."""
 
     def make(named: NamedParams) -> torch.optim.Optimizer:
@@ -89,7 +84,7 @@ class Trainer:
             self._check_output_dir()  # every rank, before anything heavy loads
         else:
             rundir.verdict(lambda: rundir.check_mask_out(self.out, mask_out, cfg))
-        check_mask_on_record(cfg)  # the mask in use is the one the config describes
+        preflight(cfg)  # e.g. the mask file in use is the one the config describes
         reporting.check_installed(self.report_to)  # a missing wandb/mlflow fails before the model loads
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = load_task_data(cfg, self.tokenizer)
@@ -191,11 +186,11 @@ class Trainer:
             strategy = self.child_only(
                 build_strategy(self.cfg, self.backend, self.fisher_pass, None, seconds)
             )
-            self.mask_path, start_step = ctd_mask_path(self.cfg), 0
+            self.mask_path, start_step = run_mask_path(self.cfg), 0
         else:
             # mask first: a child-only optimizer is built from it and must exist before its state loads
             saved_mask = json.loads((resume_from / STATE_FILE).read_text()).get("mask")
-            self.mask_path = ctd_mask_path(self.cfg, saved_mask)
+            self.mask_path = run_mask_path(self.cfg, saved_mask)
             strategy = self.child_only(build_strategy(self.cfg, self.backend, None, self.mask_path))
             state = checkpoints.load(self.backend, resume_from, {"model_fingerprint": self.fingerprint})
             start_step = state["step"]
@@ -223,30 +218,20 @@ class Trainer:
         return metrics
 
     def _mask_summary(self, seconds: dict[str, float]) -> dict:
-        """CT-D's selected/total candidate entries (from the mask file's headers, rank 0) for the
-        ``mask_ready`` record; also printed as one console line, with the Fisher pass if it ran."""
-        method = self.cfg.method
-        if not self.is_main or method.name == "vanilla":
+        """The child network in one console line (rank 0), with the Fisher pass if one ran,
+        and its selected/total candidate entries for the ``mask_ready`` record."""
+        describe = get_method(self.cfg.method.name).describe
+        if not self.is_main or describe is None:
             return {}
-        if method.name == "ct-f":
-            tqdm.write(f"mask: {describe_child('ct-f', method.reserve_p)}")
+        child = describe(self.cfg, self.mask_path, seconds)
+        tqdm.write(f"mask: {child.line}")
+        if child.selected is None:
             return {}
-        info = store.read_info(self.mask_path)
-        ran = "fisher" in seconds
-        line = describe_child(
-            "ct-d",
-            info.metadata.get("reserve_p"),
-            info.total_selected,
-            info.total_entries,
-            tensors=len(info.shapes),
-            fisher=(info.metadata.get("fisher_batches"), seconds["fisher"]) if ran else None,
-        )
-        tqdm.write(f"mask: {line}" + ("" if ran else f"; from {self.mask_path}"))
-        return {"mask_selected": info.total_selected, "mask_entries": info.total_entries}
+        return {"mask_selected": child.selected, "mask_entries": child.total}
 
     def child_only(self, strategy: MaskStrategy) -> MaskStrategy:
         """``method.child_only_optimizer``: replace the optimizer (built in ``setup``, before the
-        mask existed; no state yet) by ``ChildAdamW`` and the bool CT-D mask by the child index,
+        mask existed; no state yet) by ``ChildAdamW`` and the fixed bool mask by the child index,
         which masks the gradients from now on (clipping then sees dense CT-D's norm)."""
         if not self.cfg.method.child_only_optimizer:
             return strategy
@@ -400,11 +385,9 @@ class Trainer:
         state = self.backend.consolidated_state_dict()
         final = self.out / "model"
         if self.is_main:
-            tmp = self.out / f".model.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
-            self.tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, final)
+            with atomic.replacing_dir(final) as tmp:
+                self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
         dist.barrier()
         return final
 
@@ -414,13 +397,3 @@ def _gpu_memory() -> dict:
     if not torch.cuda.is_available():
         return {}
     return {"max_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a complete directory into place; the old one is removed only after the swap."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -43,6 +43,7 @@ from transformers import (
 )
 
 from ctscale.hf import ChildTuningCallback  # ctscale line 1 of 2
+from ctscale.methods import method_names
 from ctscale.models import resolve_model_path
 from ctscale.tasks import get_task, load_glue_split
 
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--task", default="rte", help="GLUE task name")
     ap.add_argument("--data-dir", default=os.environ.get("CTSCALE_GLUE_DIR"), help="GLUE TSV root")
     ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--method", choices=["none", "ct-f", "ct-d"], default="ct-d")
+    ap.add_argument("--method", choices=["none", *method_names()], default="ct-d")
     ap.add_argument("--reserve-p", type=float, default=0.3)
     ap.add_argument("--mask-file", default=None, help="CT-D: a saved mask (skips the Fisher pass)")
     ap.add_argument("--fisher-batches", type=int, default=None, help="CT-D: default one epoch")

@@ -96,7 +96,7 @@ def real_glue_dir() -> Path:
 
 
 # -- the distributed matrix: one row per backend, shared by test_distributed and test_resume ----
-METHODS = ("vanilla", "ct-f", "ct-d")
+METHODS = ("vanilla", "ct-f", "ct-d", "ct-r")  # ct-r: the fixed random child (methods/ct_r.py)
 ROWS = {
     "ddp": ["distributed.backend=ddp"],
     # the shipped ZeRO configs; zero3.json sets stage3_param_persistence_threshold 0 so that the

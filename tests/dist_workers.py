@@ -54,8 +54,8 @@ def train_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
 
 def train_worker(rank: int, world_size: int, overrides: list[str]) -> dict:
     """Fisher/mask set-up, then ``train.max_steps`` steps; final weights (rank 0), collectives/step."""
-    from ctscale.child import build_strategy
     from ctscale.config import load_config
+    from ctscale.methods.registry import build_strategy
     from ctscale.trainer import Trainer
 
     cfg = load_config(None, overrides)
@@ -172,9 +172,9 @@ def minilm_overrides(glue_dir: Path, out_dir: Path) -> list[str]:
 def fisher_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
     """Per override list: the Fisher pass and the CT-D mask (written to the run directory).
     Returns the mask's path and, at world size 1, the Fisher scores (canonical name -> flat)."""
-    from ctscale.child import default_mask_path, save_child_network
     from ctscale.config import load_config
-    from ctscale.fisher import FisherAccumulator, candidate_filter
+    from ctscale.methods.ct_d.fisher import FisherAccumulator, candidate_filter
+    from ctscale.methods.ct_d.pipeline import default_mask_path, save_child_network
     from ctscale.trainer import Trainer
 
     results = []

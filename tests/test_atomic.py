@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale.checkpoint import CheckpointManager
 from ctscale.config import load_config
+from ctscale.storage.checkpoint import CheckpointManager
 from ctscale.trainer import Trainer
 
 from dist_workers import tiny_overrides
@@ -78,9 +78,9 @@ def test_model_export_killed_half_way_keeps_the_previous_model(trained, monkeypa
 def test_latest_pointing_to_a_missing_checkpoint_falls_back_in_one_line(trained, caplog):
     _, out = trained
     (out / "checkpoints" / "latest").write_text("step-00000099")
-    caplog.set_level(logging.WARNING, logger="ctscale.checkpoint")
+    caplog.set_level(logging.WARNING, logger="ctscale.storage.checkpoint")
     assert CheckpointManager(out).latest().name == "step-00000004"
-    reports = [r.getMessage() for r in caplog.records if r.name == "ctscale.checkpoint"]
+    reports = [r.getMessage() for r in caplog.records if r.name == "ctscale.storage.checkpoint"]
     assert len(reports) == 1 and "step-00000099" in reports[0] and "missing" in reports[0], reports
 
 
@@ -88,9 +88,10 @@ def test_latest_pointing_to_a_missing_checkpoint_falls_back_in_one_line(trained,
 def test_every_written_file_takes_the_umask_mode(tmp_path, umask):
     """Masks, configs, predictions and plots are as readable as any file the user's umask makes
     (a group on a shared cluster filesystem), not 0600 as a bare temporary file would be."""
-    from ctscale import atomic
-    from ctscale.config import Config, save_config
-    from ctscale.store import MaskPiece, save_mask
+    from ctscale.config import Config
+    from ctscale.storage import atomic
+    from ctscale.storage.config_snapshot import save_config
+    from ctscale.storage.mask_file import MaskPiece, save_mask
 
     old = os.umask(umask)
     try:
@@ -108,7 +109,7 @@ def test_every_written_file_takes_the_umask_mode(tmp_path, umask):
 
 
 def test_a_failed_atomic_write_keeps_the_old_content_and_leaves_no_temporary_file(tmp_path):
-    from ctscale import atomic
+    from ctscale.storage import atomic
 
     target = tmp_path / "f.txt"
     atomic.write_text(target, "old")

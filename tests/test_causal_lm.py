@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ctscale import store
 from ctscale.config import load_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.models import load_causal_lm
+from ctscale.storage import mask_file
 from ctscale.tasks.causal_lm import IGNORE, JsonlData, LMExamples, encode, load_jsonl
 from ctscale.trainer import Trainer
 
@@ -213,9 +213,9 @@ def test_ct_d_on_a_tiny_decoder_leaves_non_child_entries(smol_tokenizer, lm_data
     assert math.isfinite(loss) and metrics["validation"]["perplexity"] == pytest.approx(math.exp(loss))
     before = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
-    info = store.read_info(out / "mask.safetensors")
+    info = mask_file.read_info(out / "mask.safetensors")
     assert info.shapes and all(n.startswith("model.layers.") for n in info.shapes)
-    masks = store.load_mask(
+    masks = mask_file.load_mask(
         out / "mask.safetensors", [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
     )
     changed_child = 0
@@ -284,10 +284,10 @@ def test_smollm2_gguf_instruction_tuning_with_ct_d(lm_data, tmp_path):
     cfg = load_config(None, overrides)
     original = load_causal_lm(cfg.model).state_dict()
     trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
-    info = store.read_info(out / "mask.safetensors")
+    info = mask_file.read_info(out / "mask.safetensors")
     assert len(info.shapes) == 30 * 9  # 30 decoder blocks x 9 tensors
     name = "model.layers.0.self_attn.q_proj.weight"
-    keep = store.load_mask(
+    keep = mask_file.load_mask(
         out / "mask.safetensors", [(name, info.shapes[name], 0, math.prod(info.shapes[name]))]
     )[(name, 0)]
     delta = (trained[name] - original[name]).view(-1)

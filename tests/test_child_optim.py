@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctscale.backends.child_state import load_child_state, save_child_state
-from ctscale.child_optim import ChildAdamW, ChildMask, optimizer_state_bytes
 from ctscale.config import load_config
 from ctscale.errors import ConfigError, CtscaleError
-from ctscale.masks.base import GradView
-from ctscale.masks.fisher_d import FixedChildMask
+from ctscale.methods.base import GradView
+from ctscale.methods.child_optim import ChildAdamW, ChildMask, optimizer_state_bytes
+from ctscale.methods.fixed_mask import FixedChildMask
+from ctscale.storage.child_optim_state import load_child_state, save_child_state
 
 from dist_harness import run_world
 from dist_workers import train_attempt
@@ -166,7 +166,7 @@ def test_config_allows_it_for_ctd_only_and_not_with_deepspeed():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_child_state_files_round_trip_exactly(dtype, tmp_path):
-    """``ctscale.backends.child_state`` (the FSDP2 checkpoint format) at world size 1: the reloaded
+    """``ctscale.storage.child_optim_state`` (the FSDP2 checkpoint format) at world size 1: the reloaded
     state continues bit for bit, masters included; another child network is refused."""
     model = _model(dtype)
     optimizer, child = _child_setup(model)

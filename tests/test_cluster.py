@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from ctscale import store
 from ctscale.config import load_config
+from ctscale.storage import mask_file
 from ctscale.trainer import Trainer
 
 from dist_workers import tiny_overrides
@@ -229,9 +229,9 @@ def one_process_mask(minilm, glue_dir, tmp_path_factory) -> Path:
 
 
 def full_masks(path: Path) -> dict:
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     wanted = [(name, tuple(shape), 0, math.prod(shape)) for name, shape in info.shapes.items()]
-    return {name: bits for (name, _), bits in store.load_mask(path, wanted).items()}
+    return {name: bits for (name, _), bits in mask_file.load_mask(path, wanted).items()}
 
 
 def check_against_one_process(run_dir: Path, one_process_mask: Path, minilm, glue_dir, tmp_path) -> None:

@@ -16,10 +16,10 @@ from ctscale.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    save_config,
     validate,
 )
 from ctscale.errors import ConfigError, CtscaleError
+from ctscale.storage.config_snapshot import save_config
 
 YAML_RUN = """\
 model:
@@ -104,7 +104,7 @@ def test_save_config_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def boom(*_args: object) -> None:
         raise OSError("disk full")
 
-    from ctscale import atomic  # save_config writes through ctscale.atomic
+    from ctscale.storage import atomic  # save_config writes through ctscale.storage.atomic
 
     monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):

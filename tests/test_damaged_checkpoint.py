@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctscale.checkpoint import MANIFEST, CheckpointManager
 from ctscale.cli import main
 from ctscale.config import load_config
+from ctscale.storage.checkpoint import MANIFEST, CheckpointManager
 from ctscale.trainer import Trainer
 
 from conftest import ROWS
@@ -69,10 +69,10 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(trained, how, f
         damaged.unlink()
     else:
         _damage(damaged, how)
-    caplog.set_level(logging.WARNING, logger="ctscale.checkpoint")
+    caplog.set_level(logging.WARNING, logger="ctscale.storage.checkpoint")
     trainer = Trainer(load_config(None, [*overrides, "train.resume=true"]))
     trainer.run()
-    reports = [r.getMessage() for r in caplog.records if r.name == "ctscale.checkpoint"]
+    reports = [r.getMessage() for r in caplog.records if r.name == "ctscale.storage.checkpoint"]
     assert len(reports) == 1 and "step-00000004" in reports[0] and file in reports[0], reports
     assert "resuming from step-00000002" in reports[0]
     event = _resumed_event(out)

@@ -6,9 +6,9 @@ import math
 
 from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-from ctscale import store
 from ctscale.config import load_config
 from ctscale.models import resolve_model_path
+from ctscale.storage import mask_file
 from ctscale.trainer import Trainer
 
 from conftest import tiny_decoder_config
@@ -29,11 +29,11 @@ def test_llama_classifier_trains_with_ctd(glue_dir, tmp_path):
     trainer = Trainer(cfg)
     metrics = trainer.run()
     assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
-    info = store.read_info(tmp_path / "run" / "mask.safetensors")
+    info = mask_file.read_info(tmp_path / "run" / "mask.safetensors")
     # candidates are the decoder blocks (model.layers.*), 2 layers x 9 tensors
     assert len(info.shapes) == 18 and all(n.startswith("model.layers.") for n in info.shapes)
     assert info.total_selected == round(0.3 * info.total_entries)
-    masks = store.load_mask(
+    masks = mask_file.load_mask(
         tmp_path / "run" / "mask.safetensors", [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
     )
     assert sum(int(m.sum()) for m in masks.values()) == info.total_selected

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale import store
 from ctscale.config import load_config
 from ctscale.errors import ConfigError, CtscaleError
+from ctscale.storage import mask_file
 
 from dist_harness import run_world
 from dist_workers import tiny_overrides
@@ -281,7 +281,7 @@ def suite_worker(rank: int, world: int, model_dir: Path, glue_dir: Path, out: Pa
 
 def _bf16_ct_d(stage: int, model_dir: Path, glue_dir: Path, out: Path) -> dict | None:
     """CT-D with a Fisher pass, then 2 steps in bf16; the consolidated fp32 state (rank 0)."""
-    from ctscale.child import build_strategy
+    from ctscale.methods.registry import build_strategy
     from ctscale.trainer import Trainer
 
     overrides = tiny_overrides(model_dir, glue_dir, out / f"bf16-z{stage}") + [
@@ -361,9 +361,9 @@ def test_accumulation_masking_and_zero3_padding_at_three_ranks(suite):
 
 
 def _mask_bits(path: Path) -> dict[str, torch.Tensor]:
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     wanted = [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
-    return {name: bits for (name, _), bits in store.load_mask(path, wanted).items()}
+    return {name: bits for (name, _), bits in mask_file.load_mask(path, wanted).items()}
 
 
 @pytest.mark.slow
@@ -412,7 +412,7 @@ def shipped_worker(rank: int, world: int, model_dir: Path, glue_dir: Path, out: 
     zero2_offload once more without the post-mask renorm, to show that the norm check can fail."""
     import torch.distributed as tdist
 
-    from ctscale.child import build_strategy
+    from ctscale.methods.registry import build_strategy
     from ctscale.trainer import Trainer
 
     def run(path: Path, method: str, name: str, renorm: bool = True) -> dict:

@@ -1,8 +1,8 @@
 """Every distributed backend against the single-process run, on the same global batches.
 
 One row per backend (DDP, DeepSpeed ZeRO-1/2/3, FSDP2); each row runs worlds of 2 and 3
-processes (3 gives uneven shards and ZeRO padding), each world running vanilla, CT-F and CT-D
-in one process group. Checked for every row, world and method:
+processes (3 gives uneven shards and ZeRO padding), each world running vanilla, CT-F, CT-D and
+CT-R (the fixed random child network) in one process group. Checked for every row, world and method:
 - final weights equal the single-process weights within ATOL;
 - the CT-D child network equals the single-process one exactly;
 - with weight decay 0, every non-child entry of a candidate tensor is bit-identical to the
@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale import store
+from ctscale.storage import mask_file
 
 from conftest import METHODS, NEEDS, ROWS
 from dist_harness import run_world
@@ -40,9 +40,9 @@ def _available(row: str) -> bool:
 
 
 def _mask_bits(path) -> dict[str, torch.Tensor]:
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     wanted = [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
-    return {name: bits for (name, _), bits in store.load_mask(path, wanted).items()}
+    return {name: bits for (name, _), bits in mask_file.load_mask(path, wanted).items()}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -78,7 +78,7 @@ def test_matches_single_process(row, size, world, reference, tiny_bert):
 
     # masking adds no collective: steady-state step (the first ones may rebuild buckets)
     plain = got["vanilla"]["collectives_per_step"][-1]
-    for method in ("ct-f", "ct-d"):
+    for method in METHODS[1:]:
         assert got[method]["collectives_per_step"][-1] == plain, (row, size, method)
 
     if size == 3:  # the 2-rank mask, resharded to 3 ranks, trains like the 1-rank Fisher run

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from ctscale.config import load_config
 from ctscale.errors import CtscaleError
-from ctscale.fisher import fisher_mode
+from ctscale.methods.ct_d.fisher import fisher_mode
 
 
 def _bert(dropout: float = 0.1) -> torch.nn.Module:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale import store
 from ctscale.backends.fsdp import repeated_blocks, shard_rows
+from ctscale.storage import mask_file
 
 from dist_harness import run_world
 from dist_workers import tiny_overrides
@@ -86,7 +86,8 @@ def grad_views_worker(rank: int, world: int, model_dir) -> dict:
 def accumulation_worker(rank: int, world: int, model_dir) -> dict:
     """Two optimizer steps of 2 micro-batches each, CT-F masked at the boundary, clipped."""
     from ctscale.backends.fsdp import FSDPBackend
-    from ctscale.masks import GradView, RandomChildMask
+    from ctscale.methods.base import GradView
+    from ctscale.methods.ct_f import RandomChildMask
 
     model = _load(model_dir)
     ref = copy.deepcopy(model)
@@ -130,8 +131,8 @@ def accumulation_worker(rank: int, world: int, model_dir) -> dict:
 
 def bf16_ctd_worker(rank: int, world: int, overrides: list[str]) -> dict:
     """CT-D (Fisher pass, mask, 3 steps) through the Trainer with train.bf16=true."""
-    from ctscale.child import build_strategy
     from ctscale.config import load_config
+    from ctscale.methods.registry import build_strategy
     from ctscale.trainer import Trainer
 
     cfg = load_config(None, overrides)
@@ -289,10 +290,10 @@ def test_bf16_ct_d_keeps_non_child_entries(tiny_bert, glue_dir, tmp_path):
         assert r["compute_dtypes"] == {torch.bfloat16}  # blocks really ran in bf16
         assert r["grad_dtypes"] == r["param_dtypes"] == {torch.float32}  # fp32 shards and grads
         assert all(math.isfinite(x) for x in r["losses"])
-    info = store.read_info(tmp_path / "mask")
+    info = mask_file.read_info(tmp_path / "mask")
     mask = {
         name: bits
-        for (name, _), bits in store.load_mask(
+        for (name, _), bits in mask_file.load_mask(
             tmp_path / "mask", [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
         ).items()
     }

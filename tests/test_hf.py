@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ctscale import store
 from ctscale.errors import ConfigError, CtscaleError, MaskError
 from ctscale.hf import ChildTuningCallback
-from ctscale.masks.hashing import bernoulli_mask
+from ctscale.methods.counter_rng import bernoulli_mask
+from ctscale.storage import mask_file
 
 from dist_harness import free_port
 
@@ -71,15 +71,15 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def full_mask(path: Path) -> dict[str, torch.Tensor]:
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     wanted = [(n, s, 0, torch.Size(s).numel()) for n, s in info.shapes.items()]
-    return {n: bits.view(info.shapes[n]) for (n, _), bits in store.load_mask(path, wanted).items()}
+    return {n: bits.view(info.shapes[n]) for (n, _), bits in mask_file.load_mask(path, wanted).items()}
 
 
 # -- (a) CT-D: non-child entries never move ---------------------------------------------------
 def test_ctd_trains_exactly_the_child_network(one_process, tiny_bert):
     run = one_process["ct-d"]
-    info = store.read_info(run / "mask.safetensors")
+    info = mask_file.read_info(run / "mask.safetensors")
     assert info.metadata["fisher_batches"] == 2 and info.metadata["reserve_p"] == P
     assert info.total_selected == round(P * info.total_entries)  # exact global top-p
     assert all(".layer." in n for n in info.shapes) and len(info.shapes) == 32  # 2 BERT layers
@@ -121,7 +121,7 @@ def test_callback_logs_its_fisher_pass_and_mask(tiny_bert, glue_dir, tmp_path, c
     assert len(line) == 1 and "ct-d, 5,126 of 17,088 candidate entries" in line[0]
     assert "fisher pass: 2 batches in" in line[0]
     first = json.loads((out / "trainer_state.json").read_text())["log_history"][0]
-    info = store.read_info(out / "mask.safetensors")
+    info = mask_file.read_info(out / "mask.safetensors")
     assert first["child_tuning/selected"] == info.total_selected == 5126
     assert first["child_tuning/total"] == info.total_entries == 17088
     assert first["child_tuning/reserve_p"] == P and first["child_tuning/fisher_batches"] == 2
@@ -267,7 +267,7 @@ def test_bad_options_and_masks_are_clear_errors(tiny_bert, tmp_path):
         _begin(ChildTuningCallback("ct-d", candidates=["no_such_module"]), model, tmp_path)
     other = tmp_path / "other.safetensors"  # a mask of another model
     bits = torch.ones(4, dtype=torch.bool)
-    store.save_mask(other, [store.MaskPiece("decoder.w", (4,), 0, 4, bits)], {"method": "ct-d"})
+    mask_file.save_mask(other, [mask_file.MaskPiece("decoder.w", (4,), 0, 4, bits)], {"method": "ct-d"})
     with pytest.raises(MaskError, match="decoder.w"):
         _begin(ChildTuningCallback("ct-d", mask_file=other), model, tmp_path)
     with pytest.raises(MaskError, match="resuming at step 3"):

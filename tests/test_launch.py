@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale import store
 from ctscale.config import load_config
+from ctscale.storage import mask_file
 from ctscale.trainer import Trainer
 
 from dist_harness import free_port
@@ -78,7 +78,7 @@ def test_two_process_job_end_to_end(script, backend, tiny_bert, glue_dir, tmp_pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"final"')]
     assert len(final) == 1 and 0.0 <= final[0]["final"]["validation"]["accuracy"] <= 1.0  # rank 0 only
-    info = store.read_info(tmp_path / "mask")
+    info = mask_file.read_info(tmp_path / "mask")
     assert len(info.files) == 2 and info.total_selected == round(0.3 * info.total_entries)
     saved = load_file(tmp_path / "model" / "model.safetensors")
     assert saved.keys() == single_process_model.keys()
@@ -147,11 +147,11 @@ def test_torchrun_fisher_writes_the_single_process_mask(tiny_bert, glue_dir, tmp
     proc = launch("torchrun.sh", ["distributed.backend=ddp", *overrides], timeout=300, command="fisher")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = tmp_path / "run" / "mask"
-    assert len(store.read_info(two).files) == 2
+    assert len(mask_file.read_info(two).files) == 2
 
     def bits(path):
-        info = store.read_info(path)
-        return store.load_mask(path, [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()])
+        info = mask_file.read_info(path)
+        return mask_file.load_mask(path, [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()])
 
     a, b = bits(one), bits(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ctscale import store
-from ctscale.child import save_child_network
 from ctscale.errors import ConfigError, MaskError
-from ctscale.fisher import FisherAccumulator
 from ctscale.hf import ChildTuningCallback
-from ctscale.masks import GradView
+from ctscale.methods.base import GradView
+from ctscale.methods.ct_d.fisher import FisherAccumulator
+from ctscale.methods.ct_d.pipeline import save_child_network
+from ctscale.storage import mask_file
 
 from conftest import tiny_decoder_config
 
@@ -73,7 +73,7 @@ def test_ctd_on_lora_selects_within_lora_b_and_trains_lora_a(tmp_path: Path) -> 
     Trainer(model=model, args=args, train_dataset=token_rows(), callbacks=[callback]).train()
     assert callback.masked_steps == 3
 
-    info = store.read_info(tmp_path / "mask.safetensors")
+    info = mask_file.read_info(tmp_path / "mask.safetensors")
     lora_b = sorted(n for n in before if ".lora_B." in n)
     assert sorted(info.shapes) == lora_b  # lora_A is not a candidate (on main: density 0 here)
     total = sum(before[n].numel() for n in lora_b)
@@ -84,7 +84,7 @@ def test_ctd_on_lora_selects_within_lora_b_and_trains_lora_a(tmp_path: Path) -> 
     wanted = [(n, s, 0, torch.Size(s).numel()) for n, s in info.shapes.items()]
     mask = {
         n: bits.view(info.shapes[n])
-        for (n, _), bits in store.load_mask(tmp_path / "mask.safetensors", wanted).items()
+        for (n, _), bits in mask_file.load_mask(tmp_path / "mask.safetensors", wanted).items()
     }
     child_moved = []
     for name in lora_b:  # weight decay 0: non-child entries of B never move, child entries do
@@ -123,7 +123,7 @@ def test_all_zero_fisher_tensors_are_one_warning(tmp_path: Path, caplog: pytest.
     grads = {"layer.0.w": torch.tensor([1.0, -2.0, 0.5, 0.0]), "layer.0.dead": torch.zeros(3)}
     for _ in range(2):  # "layer.1.unused" never gets a gradient (no view at all)
         fisher.add(GradView(n, shapes[n], 0, g.numel(), g.clone()) for n, g in grads.items())
-    with caplog.at_level(logging.WARNING, logger="ctscale.fisher"):
+    with caplog.at_level(logging.WARNING, logger="ctscale.methods.ct_d.fisher"):
         save_child_network(tmp_path / "m.safetensors", fisher, 0.5, shapes, {"task": "t"})
     (record,) = [r for r in caplog.records if "all-zero Fisher" in r.getMessage()]
     message = record.getMessage()
@@ -139,9 +139,9 @@ def test_a_mask_that_freezes_lora_a_is_refused(tmp_path: Path) -> None:
     pieces = []
     for name, shape in shapes.items():
         bits = torch.full((torch.Size(shape).numel(),), ".lora_B." in name, dtype=torch.bool)
-        pieces.append(store.MaskPiece(name, shape, 0, bits.numel(), bits))
+        pieces.append(mask_file.MaskPiece(name, shape, 0, bits.numel(), bits))
     path = tmp_path / "old.safetensors"
-    store.save_mask(path, pieces, {"method": "ct-d"})
+    mask_file.save_mask(path, pieces, {"method": "ct-d"})
     callback = ChildTuningCallback("ct-d", mask_file=path)
     args = SimpleNamespace(seed=0, output_dir=str(tmp_path), gradient_accumulation_steps=1)
     with pytest.raises(MaskError, match=r"keeps no entry of the LoRA tensor .*lora_A.*and 3 more"):

@@ -8,8 +8,11 @@ import shutil
 import pytest
 import torch
 
-from ctscale.masks import FixedChildMask, GradView, RandomChildMask, hashing
-from ctscale.masks.hashing import bernoulli_mask, keep_and_rescale_
+from ctscale.methods import counter_rng as hashing
+from ctscale.methods.base import GradView
+from ctscale.methods.counter_rng import bernoulli_mask, keep_and_rescale_
+from ctscale.methods.ct_f import RandomChildMask
+from ctscale.methods.fixed_mask import FixedChildMask
 
 
 def test_same_coordinates_same_mask_and_new_step_new_mask():

@@ -11,7 +11,6 @@ import matplotlib.image
 import pytest
 import torch
 
-from ctscale import store
 from ctscale.cli import main
 from ctscale.errors import MaskError
 from ctscale.masktools import (
@@ -25,7 +24,8 @@ from ctscale.masktools import (
     plot_density,
     short_names,
 )
-from ctscale.store import MaskPiece, read_info, save_mask
+from ctscale.storage import mask_file
+from ctscale.storage.mask_file import MaskPiece, read_info, save_mask
 
 nan = math.nan
 
@@ -128,7 +128,9 @@ def llama_masks(tmp_path: Path) -> list[Path]:
     pieces = pieces_from_flat(LLAMA, b, split=3)
     halves = [[p for p in pieces if p.start == 0], [p for p in pieces if p.start > 0]]
     meta_b = META | {"task": "b"}
-    store._write_index(pb, [store._save_shard(pb, h, r, 2, meta_b) for r, h in enumerate(halves)], meta_b)
+    mask_file._write_index(
+        pb, [mask_file._save_shard(pb, h, r, 2, meta_b) for r, h in enumerate(halves)], meta_b
+    )
     save_mask(pc, pieces_from_flat(LLAMA, c, split=5), META | {"task": "c"})
     return [pa, pb, pc]
 
@@ -297,8 +299,8 @@ EXPECTED_PAIRS = [  # (a, b, |A∩B|, |A∪B|, jaccard, overlap ratio, expected 
 
 def test_overlap_exact(llama_masks: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     verified: list[str] = []
-    real_verify = store._verify
-    monkeypatch.setattr(store, "_verify", lambda f, c: (verified.append(f.name), real_verify(f, c)))
+    real_verify = mask_file._verify
+    monkeypatch.setattr(mask_file, "_verify", lambda f, c: (verified.append(f.name), real_verify(f, c)))
     result = overlap(llama_masks)
     assert sorted(verified) == sorted(  # each file's checksum checked once, not once per tensor
         ["a.safetensors", "mask-00000-of-00002.safetensors", "mask-00001-of-00002.safetensors"]
@@ -487,7 +489,7 @@ def test_cli_info_checks_a_mask_against_a_model(
 ) -> None:
     """``--model``: every mask tensor must exist in that model with its shape (no weights read)."""
     from ctscale.config import ModelConfig
-    from ctscale.models import meta_shapes
+    from ctscale.masktools import meta_shapes
 
     from conftest import write_tiny_bert
 

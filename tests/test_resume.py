@@ -1,6 +1,6 @@
 """Exact resume: 2 steps, preempted, resumed for 2 more == 4 uninterrupted steps.
 
-For every backend and both methods the resumed run must continue the data order, the
+For every backend and each masking method the resumed run must continue the data order, the
 learning-rate schedule, Adam's moments and the CT-F mask sequence exactly: bit for bit against
 the uninterrupted run of the same world size (the distributed matrix's run). Checkpoints come
 from ``train.save_every=2`` in the shared tiny config.
@@ -18,7 +18,7 @@ from dist_harness import run_world
 from dist_workers import stop_then_resume, tiny_overrides, train_attempts
 
 pytestmark = pytest.mark.slow
-METHODS = ("ct-f", "ct-d")
+METHODS = ("ct-f", "ct-d", "ct-r")  # ct-r: its child network is redrawn on resume, no file
 
 
 def _supported(row: str) -> bool:
@@ -59,7 +59,7 @@ def test_resume_at_another_world_size(row, tiny_bert, glue_dir, tmp_path, refere
     """DDP checkpoints hold whole tensors and FSDP2's (torch.distributed.checkpoint) reshard on
     load: stopped with 2 ranks, resumed with 3 (CT-D's mask resharded too); equal to the
     1-process run up to reduction-order rounding. Child-only AdamW too: under FSDP2 its packed
-    state is resharded by ``ctscale.backends.child_state``; it must follow dense CT-D's 1-process run."""
+    state is resharded by ``ctscale.storage.child_optim_state``; it must follow dense CT-D's 1-process run."""
     if not _supported(row):
         pytest.skip(f"{row}: no checkpoint support yet")
     runs = {m: _overrides(ROWS[row], tmp_path, tiny_bert, glue_dir, m) for m in METHODS}

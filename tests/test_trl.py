@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from ctscale.hf import ChildTuningCallback
-from ctscale.masks.hashing import bernoulli_mask
+from ctscale.methods.counter_rng import bernoulli_mask
 
 P = 0.3
 

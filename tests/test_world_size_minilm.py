@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from ctscale import store
+from ctscale.storage import mask_file
 
 from conftest import NEEDS, ROWS
 from dist_harness import run_world
@@ -40,9 +40,9 @@ MAX_TRADES = 8
 
 
 def _mask_bits(path) -> dict[str, torch.Tensor]:
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     wanted = [(n, s, 0, math.prod(s)) for n, s in info.shapes.items()]
-    return {name: bits for (name, _), bits in store.load_mask(path, wanted).items()}
+    return {name: bits for (name, _), bits in mask_file.load_mask(path, wanted).items()}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from ctscale.masks.base import GradView
+from ctscale.methods.base import GradView
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 OptimizerFactory = Callable[[NamedParams], torch.optim.Optimizer]

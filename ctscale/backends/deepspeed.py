@@ -55,7 +55,7 @@ from ctscale.backends.base import OptimizerFactory, SchedulerFactory
 from ctscale.backends.ds_config import build_ds_config, get_path
 from ctscale.config import Config
 from ctscale.errors import CtscaleError
-from ctscale.masks.base import GradView
+from ctscale.methods.base import GradView
 
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 

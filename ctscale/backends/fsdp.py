@@ -45,9 +45,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
-from ctscale.backends.child_state import load_child_state, save_child_state
-from ctscale.child_optim import ChildAdamW
-from ctscale.masks.base import GradView
+from ctscale.methods.base import GradView
+from ctscale.methods.child_optim import ChildAdamW
+from ctscale.storage.child_optim_state import load_child_state, save_child_state
 
 log = logging.getLogger(__name__)
 

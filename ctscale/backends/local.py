@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
-from ctscale.masks.base import GradView
+from ctscale.methods.base import GradView
 from ctscale.models import parameter_shapes
 
 

@@ -4,7 +4,6 @@ behind one protocol."""
 from ctscale.config import Config
 from ctscale.tasks.base import TaskData
 from ctscale.tasks.causal_lm import JsonlData
-from ctscale.tasks.classification import GlueData
 from ctscale.tasks.glue import (
     GLUE_TASKS,
     Examples,
@@ -15,6 +14,7 @@ from ctscale.tasks.glue import (
     pad_collate,
     tokenize,
 )
+from ctscale.tasks.glue_data import GlueData
 from ctscale.tasks.metrics import compute_metrics
 
 __all__ = [

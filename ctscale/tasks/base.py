@@ -36,3 +36,11 @@ class TaskData(Protocol):
     ) -> dict[str, float]:
         """Scores of ``split``; each rank predicts a shard. Collective."""
         ...
+
+
+def subsample(examples, limit: int | None, seed: int):
+    """The first ``limit`` examples of a seeded permutation, in their original order."""
+    if limit is None or limit >= len(examples):
+        return examples
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return examples.subset(sorted(order[:limit].tolist()))

@@ -21,8 +21,7 @@ from ctscale import batching, dist
 from ctscale.config import Config, ModelConfig
 from ctscale.errors import DataError
 from ctscale.models import load_causal_lm
-from ctscale.tasks.base import Predict
-from ctscale.tasks.classification import subsample
+from ctscale.tasks.base import Predict, subsample
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of a context or padding token (HF's ignore_index)

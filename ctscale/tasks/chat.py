@@ -27,8 +27,8 @@ import torch
 
 from ctscale.config import Config
 from ctscale.errors import DataError
+from ctscale.tasks.base import subsample
 from ctscale.tasks.causal_lm import IGNORE, JsonlData, Tokenized
-from ctscale.tasks.classification import subsample
 from ctscale.tasks.sources import Table, train_and_eval
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,14 @@ class Conversation:
     targets: list[bool]
 
 
-class _Rows(list):
+class Rows(list):
     """A list that ``subsample`` can take a seeded subset of."""
 
-    def subset(self, indices) -> _Rows:
-        return _Rows(self[i] for i in indices)
+    def subset(self, indices) -> Rows:
+        return Rows(self[i] for i in indices)
 
 
-def _messages(value: object, where: str, text_role: str | None = None) -> list[dict[str, str]]:
+def checked_messages(value: object, where: str, text_role: str | None = None) -> list[dict[str, str]]:
     """A checked list of messages; a bad one is an error naming the row, column and message.
     A plain string is one message of ``text_role`` where the form allows it (TRL's prompt and
     completion strings)."""
@@ -89,7 +89,7 @@ def conversations(table: Table) -> list[Conversation]:
     out = []
     for i, row in enumerate(table.rows):
         if has_messages and row.get("messages") is not None:
-            msgs = _messages(row["messages"], table.where(i, "messages"))
+            msgs = checked_messages(row["messages"], table.where(i, "messages"))
             targets = [m["role"] == "assistant" for m in msgs]
             column = "messages"
         else:
@@ -98,8 +98,8 @@ def conversations(table: Table) -> list[Conversation]:
                     f"{table.name}, row {table.numbers[i]}: no 'messages', and no 'prompt' with a "
                     "'completion'; fix the row"
                 )
-            prompt = _messages(row["prompt"], table.where(i, "prompt"), "user")
-            completion = _messages(row["completion"], table.where(i, "completion"), "assistant")
+            prompt = checked_messages(row["prompt"], table.where(i, "prompt"), "user")
+            completion = checked_messages(row["completion"], table.where(i, "completion"), "assistant")
             msgs = prompt + completion
             targets = [False] * len(prompt) + [m["role"] == "assistant" for m in completion]
             column = "completion"
@@ -197,7 +197,7 @@ def load_chat(cfg: Config, tokenizer) -> JsonlData:
     train_table, eval_table = train_and_eval(d, cfg.train.seed)
 
     def encode(table: Table, limit: int | None) -> Tokenized:
-        rows = subsample(_Rows(zip(conversations(table), table.numbers)), limit, cfg.train.seed)
+        rows = subsample(Rows(zip(conversations(table), table.numbers)), limit, cfg.train.seed)
         convs, numbers = [c for c, _ in rows], [n for _, n in rows]
         return encode_chat(convs, tokenizer, d.max_length, d.overlong, table.name, numbers)
 

@@ -228,7 +228,7 @@ def load_glue_split(task: str | GlueTask, split: str, data_dir: str | Path | Non
     file_name = _split_file(t, split)
     if data_dir is None:
         return _load_hub(t, split)
-    return _load_tsv(t, _task_dir(t, Path(data_dir)) / file_name)
+    return load_glue_tsv(t, _task_dir(t, Path(data_dir)) / file_name)
 
 
 def _task_dir(task: GlueTask, root: Path) -> Path:
@@ -292,7 +292,7 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
     return task.label_list.index(raw)
 
 
-def _load_tsv(task: GlueTask, path: Path) -> Examples:
+def load_glue_tsv(task: GlueTask, path: Path) -> Examples:
     """Return the examples in one GLUE TSV file of ``task``."""
     layout = _LAYOUTS[task.name]
     rows = _read_rows(path)

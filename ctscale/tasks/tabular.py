@@ -5,7 +5,7 @@ Rows come from :mod:`ctscale.tasks.sources` (files or a ``datasets`` dataset); t
 are discovered from the training split (strings, or integers; a ``datasets`` ``ClassLabel``
 keeps its own order), sorted, and travel with the exported model as ``id2label``/``label2id``,
 so that evaluation and prediction map them the same way without the training data. Training,
-batching and scoring are GLUE's (:class:`~ctscale.tasks.classification.GlueData`): a GLUE task
+batching and scoring are GLUE's (:class:`~ctscale.tasks.glue_data.GlueData`): a GLUE task
 is this path with a fixed layout and label list.
 
 Metrics: accuracy, macro-F1 and MCC (``main`` = accuracy) for classification; Pearson and
@@ -18,8 +18,9 @@ import math
 
 from ctscale.config import Config, DataConfig
 from ctscale.errors import DataError
-from ctscale.tasks.classification import GlueData, subsample
+from ctscale.tasks.base import subsample
 from ctscale.tasks.glue import Examples, GlueTask
+from ctscale.tasks.glue_data import GlueData
 from ctscale.tasks.sources import Table, train_and_eval
 
 

@@ -26,16 +26,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from ctscale.dist import local_shard
 from ctscale.errors import CtscaleError, MaskError
-from ctscale.masks.base import GradView
-from ctscale.masks.fisher_d import FixedChildMask
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's storage of ``t`` (the shard of a DTensor; ``t`` itself otherwise)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+from ctscale.methods.base import GradView
+from ctscale.methods.fixed_mask import FixedChildMask
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -111,7 +106,7 @@ class ChildAdamW(torch.optim.Optimizer):
     State (per parameter, local): ``step``; fp32 ``exp_avg``, ``exp_avg_sq`` of length
     ``len(index)`` (candidates) or the local numel (others); fp32 ``master`` when the parameter is
     bf16/fp16. ``state_dict()`` holds this rank's packed buffers: sharded backends save them
-    with ``ctscale.backends.child_state`` (global offsets, loadable at any world size).
+    with ``ctscale.storage.child_optim_state`` (global offsets, loadable at any world size).
     """
 
     def __init__(

@@ -22,14 +22,18 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctscale import dist
-from ctscale.child_optim import ChildAdamW, local_shard
+from ctscale.dist import local_shard
 from ctscale.errors import CtscaleError
+
+if TYPE_CHECKING:  # the optimizer whose state this is; storage imports no method at run time
+    from ctscale.methods.child_optim import ChildAdamW
 
 FORMAT = "ctscale-child-adamw/1"
 GROUPS = "child-optim-groups.pt"

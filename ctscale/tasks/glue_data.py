@@ -9,7 +9,7 @@ import torch
 from ctscale import batching, dist
 from ctscale.config import Config, ModelConfig
 from ctscale.models import load_classifier
-from ctscale.tasks.base import Predict
+from ctscale.tasks.base import Predict, subsample
 from ctscale.tasks.glue import Examples, GlueTask, default_glue_dir, get_task, load_glue_split, tokenize
 from ctscale.tasks.metrics import compute_metrics
 
@@ -66,11 +66,3 @@ class GlueData:
         local = torch.cat(preds)[:real].cpu().tolist() if preds else []
         gathered = [p for part in dist.all_gather_objects(local) for p in part]
         return compute_metrics(self.task, gathered, examples.labels)
-
-
-def subsample(examples, limit: int | None, seed: int):
-    """The first ``limit`` examples of a seeded permutation, in their original order."""
-    if limit is None or limit >= len(examples):
-        return examples
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    return examples.subset(sorted(order[:limit].tolist()))

@@ -59,13 +59,3 @@ class MaskStrategy(Protocol):
     def state_bytes(self) -> int:
         """Bytes of mask state this rank keeps (0 for a stateless strategy)."""
         ...
-
-
-class NoMask:
-    """Vanilla fine-tuning: every entry survives."""
-
-    def apply(self, view: GradView, step: int) -> None:
-        return None
-
-    def state_bytes(self) -> int:
-        return 0

@@ -1,28 +1,26 @@
-"""Build the mask strategy a config asks for: vanilla, CT-F, or CT-D (Fisher or a mask file)."""
+"""The CT-D pipeline: Fisher pass, exact global top-p, mask saved; or a saved mask loaded,
+resharded to the ranges this rank holds."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ctscale import dist, store
-from ctscale.backends.base import Backend
-from ctscale.config import Config
+from ctscale import dist
 from ctscale.errors import ConfigError, MaskError
-from ctscale.fisher import FisherAccumulator, candidate_filter, select_child
-from ctscale.masks import FixedChildMask, MaskStrategy, NoMask, RandomChildMask
+from ctscale.methods.ct_d.fisher import FisherAccumulator, candidate_filter, select_child
+from ctscale.methods.fixed_mask import FixedChildMask
+from ctscale.storage import mask_file
+from ctscale.storage.fingerprint import model_fingerprint
+
+if TYPE_CHECKING:
+    from ctscale.config import Config
+    from ctscale.methods.registry import ShardSource
 
 FisherPass = Callable[[FisherAccumulator], None]
-
-
-def model_fingerprint(shapes: dict[str, tuple[int, ...]]) -> str:
-    """SHA-256 of the sorted (name, shape) list: identifies a model architecture, not weights."""
-    text = json.dumps(sorted((n, list(s)) for n, s in shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def default_mask_path(output_dir: str | Path) -> Path:
@@ -31,42 +29,8 @@ def default_mask_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / name
 
 
-def ctd_mask_path(cfg: Config, resumed: str | None = None) -> str | None:
-    """Where the CT-D mask of this run lives: a resumed run's own mask, ``method.mask_file``,
-    or the run directory's default; None for the other methods."""
-    if cfg.method.name != "ct-d":
-        return None
-    return resumed or cfg.method.mask_file or str(default_mask_path(cfg.train.output_dir))
-
-
-def build_strategy(
-    cfg: Config,
-    backend: Backend,
-    fisher_pass: FisherPass | None,
-    mask_path: str | None = None,
-    seconds: dict[str, float] | None = None,
-) -> MaskStrategy:
-    """The strategy for ``cfg.method``.
-
-    CT-D loads ``mask_path`` (a resumed run's own mask) or ``method.mask_file`` when given;
-    otherwise it runs the Fisher pass and saves the mask in the run directory first (the time
-    of each phase goes to ``seconds``).
-    """
-    method = cfg.method
-    if method.name == "vanilla":
-        return NoMask()
-    if method.name == "ct-f":
-        seed = cfg.train.seed if method.mask_seed is None else method.mask_seed
-        return RandomChildMask(method.reserve_p, seed, method.ctf_kernel)
-    path = ctd_mask_path(cfg, mask_path)
-    if not (mask_path or method.mask_file):
-        estimate_and_save_mask(cfg, backend, fisher_pass, Path(path), seconds)
-    with _timed(seconds, "load_mask"):
-        return load_fixed_mask(path, backend)
-
-
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float] | None, phase: str):
+def timed(seconds: dict[str, float] | None, phase: str):
     start = time.perf_counter()
     yield
     if seconds is not None:
@@ -75,16 +39,16 @@ def _timed(seconds: dict[str, float] | None, phase: str):
 
 def estimate_and_save_mask(
     cfg: Config,
-    backend: Backend,
+    backend: ShardSource,
     fisher_pass: FisherPass,
     path: Path,
     seconds: dict[str, float] | None = None,
-) -> store.MaskInfo:
+) -> mask_file.MaskInfo:
     """Fisher pass, global top-p selection, mask written from shards. Collective."""
     shapes = backend.param_shapes()
     is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
     fisher = FisherAccumulator({n: s for n, s in shapes.items() if is_candidate(n)}, cfg.fisher.max_grad_norm)
-    with _timed(seconds, "fisher"):
+    with timed(seconds, "fisher"):
         fisher_pass(fisher)
     provenance = {
         "seed": cfg.train.seed,
@@ -94,7 +58,7 @@ def estimate_and_save_mask(
         "fisher_dropout": cfg.fisher.dropout,
     }
     save_child_network(path, fisher, cfg.method.reserve_p, shapes, provenance, seconds)
-    return store.read_info(path)
+    return mask_file.read_info(path)
 
 
 def save_child_network(
@@ -108,10 +72,10 @@ def save_child_network(
     """The global top-``reserve_p`` of an accumulated Fisher, saved from every rank's shards as
     a CT-D mask; ``provenance`` (seed, scope, model, task) goes into its metadata. Collective."""
     candidates, total = fisher.shapes, fisher.total_entries()
-    with _timed(seconds, "select"):
+    with timed(seconds, "select"):
         masks = select_child(fisher.scores(), total, reserve_p, sorted(candidates))
     pieces = [
-        store.MaskPiece(name, candidates[name], start, start + bits.numel(), bits.cpu())
+        mask_file.MaskPiece(name, candidates[name], start, start + bits.numel(), bits.cpu())
         for (name, start), bits in masks.items()
     ]
     metadata = {
@@ -130,32 +94,9 @@ def save_child_network(
         "world_size": dist.world_size(),
     }
     fisher.clear()  # its scores are as large as the candidate shard: free them before training
-    with _timed(seconds, "save_mask"):
-        store.save_mask(path, pieces, metadata)
+    with timed(seconds, "save_mask"):
+        mask_file.save_mask(path, pieces, metadata)
         dist.barrier()
-
-
-def describe_child(
-    method: str,
-    reserve_p: float,
-    selected: int = 0,
-    total: int = 0,
-    tensors: int | None = None,
-    fisher: tuple[int, float] | None = None,
-) -> str:
-    """The child network in one console line, as ``ctscale train`` and the HF callback print it:
-    ``ct-d, 5,126 of 17,088 candidate entries (30.0%, p=0.3) in 32 tensors; fisher pass: 2
-    batches in 1.5 s`` (``fisher``: batches and seconds of the pass, when one ran)."""
-    if method == "ct-f":
-        return f"ct-f, a fresh random child every step, p={reserve_p}"
-    line = (
-        f"ct-d, {selected:,} of {total:,} candidate entries ({selected / max(total, 1):.1%}, p={reserve_p})"
-    )
-    if tensors is not None:
-        line += f" in {tensors} tensors"
-    if fisher is not None:
-        line += f"; fisher pass: {fisher[0]} batches in {fisher[1]:.1f} s"
-    return line
 
 
 def check_mask_on_record(cfg: Config) -> None:
@@ -163,9 +104,9 @@ def check_mask_on_record(cfg: Config) -> None:
     candidate scope and task as the mask's metadata say it was made with (the model is checked
     against the mask's names and shapes when it loads). A mismatch is one error naming both
     values, unless ``train.allow_mask_mismatch``. Reads the mask's header only."""
-    if cfg.method.name != "ct-d" or not cfg.method.mask_file or cfg.train.allow_mask_mismatch:
+    if not cfg.method.mask_file or cfg.train.allow_mask_mismatch:
         return
-    meta = store.read_info(cfg.method.mask_file).metadata
+    meta = mask_file.read_info(cfg.method.mask_file).metadata
     ours = {
         "method.reserve_p": (meta.get("reserve_p"), cfg.method.reserve_p),
         "fisher.candidates": ((meta.get("scope") or {}).get("candidates"), list(cfg.fisher.candidates)),
@@ -182,12 +123,14 @@ def check_mask_on_record(cfg: Config) -> None:
             )
 
 
-def load_fixed_mask(path: str | Path, backend: Backend) -> FixedChildMask:
+def load_fixed_mask(path: str | Path, backend: ShardSource) -> FixedChildMask:
     """CT-D strategy from a mask file, resharded to the ranges this rank holds now."""
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     if info.metadata.get("method") != "ct-d":
         raise MaskError(f"{path} holds a {info.metadata.get('method')!r} mask; CT-D needs a ct-d mask")
-    store.check_names(info, backend.param_shapes())
+    mask_file.check_names(info, backend.param_shapes())
     wanted = [(v.name, v.shape, v.start, v.end) for v in backend.shard_ranges() if v.name in info.shapes]
-    local = store.load_mask(path, wanted)
+    if not info.shapes.keys() & backend.param_shapes().keys():
+        raise MaskError(f"{path}: the mask matches no parameter of this model; use a mask made for it")
+    local = mask_file.load_mask(path, wanted)
     return FixedChildMask(local, is_candidate=lambda name: name in info.shapes)

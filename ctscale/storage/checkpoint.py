@@ -22,13 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ctscale import atomic, dist
-from ctscale.backends.base import Backend
+from ctscale import dist
 from ctscale.errors import CtscaleError
+
+if TYPE_CHECKING:  # a backend writes its own files into the checkpoint directory
+    from ctscale.backends.base import Backend
+from ctscale.storage import atomic
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -95,8 +98,7 @@ class CheckpointManager:
             atomic.write_text(tmp / STATE_FILE, json.dumps({"step": step, **state}, indent=2))
         self._write_manifest(tmp)
         if dist.is_main():
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            atomic.replace_dir(tmp, final)
             atomic.write_text(self.root / "latest", final.name)
             # the damaged ones ``latest`` passed over (bar the one just rewritten) go now: left,
             # one numbered above the intact checkpoints would outlive them in the pruning below

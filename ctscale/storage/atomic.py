@@ -1,5 +1,7 @@
 """Files on disk are whole or absent: every write goes to a temporary file beside its target,
 is flushed to disk, then renamed onto it (``os.replace`` is atomic within a directory).
+Directories (an exported model, a checkpoint) are filled under a temporary name and swapped in
+by ``replace_dir``. The one home of these writes: nothing else in ctscale renames files.
 
 A writer killed half way leaves only ``.NAME.tmp-PID-XXXX``, which no reader opens and the next
 run removes (``CheckpointManager.remove_stale``). The file gets the mode a plain ``open()``
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +60,30 @@ def write_text(path: str | Path, text: str) -> None:
     """Replace ``path``'s content with ``text`` (UTF-8), atomically."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` onto ``final``; an old ``final`` is set aside first
+    and removed only after the swap, so a crash leaves the old or the new one in place."""
+    old = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")  # stale ones: remove_stale
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replacing_dir(path: str | Path) -> Iterator[Path]:
+    """``with replacing_dir(path) as tmp: <fill directory tmp>``: afterwards ``path`` is the
+    new directory, or, if the block raised, the old one (and the temporary one is gone)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

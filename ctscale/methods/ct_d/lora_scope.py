@@ -14,9 +14,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ctscale import store
 from ctscale.errors import ConfigError, MaskError
-from ctscale.fisher import candidate_filter
+from ctscale.methods.ct_d.fisher import candidate_filter
+from ctscale.storage import mask_file
 
 # PEFT's adapter tensors: `<base module>.lora_A.<adapter>.weight`, `...lora_embedding_A.<adapter>`
 LORA_B_CANDIDATES = (r"\.lora_(B|embedding_B)\.",)
@@ -54,7 +54,7 @@ def ctd_scope(
 def refuse_frozen_lora_a(path: str | Path) -> None:
     """MaskError for a mask that keeps no entry of a LoRA ``lora_A`` tensor (a top-p over A and
     B of a fresh adapter, where A's Fisher is zero): training with it would freeze A."""
-    info = store.read_info(path)
+    info = mask_file.read_info(path)
     frozen = sorted(n for n in info.shapes if is_lora_a(n) and info.selected[n] == 0)
     if frozen:
         more = f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""

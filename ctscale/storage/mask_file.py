@@ -22,7 +22,7 @@ Format (version 1), one or more safetensors files:
     EVERY rank writes its shard, an empty payload if it holds no pieces, so a complete save is
     always exactly ``world`` files and the index lists them all (a missing one is detectable).
 
-Writes are atomic (``ctscale.atomic``): temp file in the same directory, then ``os.replace``. A sharded save
+Writes are atomic (``ctscale.storage.atomic``): temp file in the same directory, then ``os.replace``. A sharded save
 replaces files only after every rank's new shard is complete, removes the old index first
 and writes the new index last, so a directory never loads a mix of two saves.
 """
@@ -35,7 +35,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,9 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ctscale import atomic, dist
+from ctscale import dist
 from ctscale.errors import MaskError
+from ctscale.storage import atomic
 
 FORMAT_VERSION = 1
 INDEX_NAME = "mask.index.json"
@@ -441,6 +442,37 @@ def load_mask(
                 )
             out[(name, start)] = bits
     return out
+
+
+def iter_full_tensors(path: str | Path, info: MaskInfo, names: Sequence[str]) -> Iterator[torch.Tensor]:
+    """Global 1-D bool bits of each of ``names`` in turn, one tensor in memory at a time (local;
+    the reader the mask tools build on). Unlike per-tensor ``load_mask`` calls, each file's
+    checksum is verified once. MaskError when a shard is missing or bits disagree with the index."""
+    _, files = _layout(Path(path))
+    parts: dict[str, list[tuple[Path, str, dict[str, Any]]]] = {}
+    for f, checksum, descs in files:
+        for d in descs:
+            parts.setdefault(d["name"], []).append((f, checksum, d))
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name in names:
+            n = math.prod(info.shapes[name])
+            bits, cursor = torch.zeros(n, dtype=torch.bool), 0
+            for f, checksum, d in sorted(parts[name], key=lambda p: p[2]["start"]):
+                if d["start"] == d["end"]:
+                    continue  # an empty piece of an empty tensor
+                if d["start"] != cursor:
+                    break  # a gap: reported below
+                if f not in handles:
+                    if not f.is_file():
+                        raise MaskError(f"{path}: shard {f.name} is missing; re-create the mask")
+                    _verify(f, checksum)
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                bits[cursor : d["end"]] = _read_range(handles[f], d, d["start"], d["end"])
+                cursor = d["end"]
+            if cursor != n or int(torch.count_nonzero(bits)) != info.selected[name]:
+                raise MaskError(f"{path}: the bits of {name!r} disagree with its index; re-create the mask")
+            yield bits
 
 
 def check_names(info: MaskInfo, model_shapes: Mapping[str, tuple[int, ...]]) -> None:

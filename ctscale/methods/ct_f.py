@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 
-from ctscale.masks.base import GradView
-from ctscale.masks.hashing import keep_and_rescale_
+from ctscale.methods.base import GradView
+from ctscale.methods.counter_rng import keep_and_rescale_
+from ctscale.methods.registry import ChildSummary, MethodSpec, register_method
+
+if TYPE_CHECKING:
+    from ctscale.config import Config
 
 
 class RandomChildMask:
@@ -50,3 +55,26 @@ def _triton_gpu(device: torch.device) -> bool:
 @functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def _seed(cfg: Config) -> int:
+    return cfg.train.seed if cfg.method.mask_seed is None else cfg.method.mask_seed
+
+
+def _describe(cfg: Config, mask_path: str | None, seconds: dict[str, float]) -> ChildSummary:
+    return ChildSummary(f"ct-f, a fresh random child every step, p={cfg.method.reserve_p}")
+
+
+SPEC = register_method(
+    MethodSpec(
+        name="ct-f",
+        summary="Child-Tuning-F: a fresh Bernoulli(p) child network every step, gradients * M / p",
+        build=lambda ctx: RandomChildMask(
+            ctx.cfg.method.reserve_p, _seed(ctx.cfg), ctx.cfg.method.ctf_kernel
+        ),
+        plan=lambda cfg, train_size: (
+            f"CT-F: a fresh Bernoulli(p={cfg.method.reserve_p}) mask every step, seed {_seed(cfg)}"
+        ),
+        describe=_describe,
+    )
+)

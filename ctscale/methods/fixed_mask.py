@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ctscale.errors import MaskError
-from ctscale.masks.base import GradView
+from ctscale.methods.base import GradView
 
 
 class FixedChildMask:

@@ -27,8 +27,8 @@ import torch
 
 from ctscale import dist
 from ctscale.errors import CtscaleError, MaskError
-from ctscale.masks.base import GradView
-from ctscale.select import Key, select_top_k
+from ctscale.methods.base import GradView
+from ctscale.methods.ct_d.topk import Key, select_top_k
 
 log = logging.getLogger(__name__)
 
