@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-1/2/3: each rank holds a flat range of every gradient after reduction.
 
-The only module that imports ``deepspeed``. One optimizer step, as the trainer drives it:
+With ``zero_views``, the only modules that import ``deepspeed``. One optimizer step, as the
+trainer drives it:
 
     forward_backward(mb, boundary=False)   # engine.backward scales by 1/GAS; step() off the
     ...                                    # boundary only advances DeepSpeed's micro-step count
@@ -11,13 +12,9 @@ The only module that imports ``deepspeed``. One optimizer step, as the trainer d
 Order: mask THEN clip. DeepSpeed computes the global gradient norm inside ``engine.step()``
 from the partitions we have just masked, as the local backend clips after masking.
 
-Where the partitions live (private DeepSpeed state, checked against 0.19.8):
-- ZeRO-1/2: ``p._hp_mapping`` (``lp_fragment_address`` = this rank's flat range of ``p``) and
-  ``p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)`` = the entry of
-  ``optimizer.averaged_gradients`` that ``step()`` flattens into the fp32 partition.
-- ZeRO-3: ``optimizer._get_fp32_grad_state_partition(p)`` = the partition buffer that
-  ``safe_get_local_grad`` copies from and ``step()`` reads; rank r holds
-  ``[r * part, (r + 1) * part)`` of the flat tensor, ``part = p.ds_tensor.numel()`` (padded).
+The engine: set-up, step, Fisher-pass ``zero_grad`` and checkpoints. Where each rank's gradient
+partitions live (the views the mask writes into) is ``ctscale.backends.zero_views``; the
+DeepSpeed JSON is ``ctscale.backends.ds_config``. Private DeepSpeed state, checked against 0.19.8:
 - ``zero_grad`` (Fisher pass) repeats what DeepSpeed's own overflow-skip does: drop
   ``optimizer.averaged_gradients`` (ZeRO-1/2 also ``all_grad_tensors``,
   ``_release_preflattened_grad_buffers()``, ``micro_step_id``) and close the window with
@@ -43,16 +40,15 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.runtime.zero.utils import get_norm_dtype
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
 from ctscale.backends.ds_config import build_ds_config, get_path
+from ctscale.backends.zero_views import local_flat_ranges, partition_grad, renorm_offloaded_grads
 from ctscale.config import Config
 from ctscale.errors import CtscaleError
 from ctscale.masks.base import GradView
@@ -359,70 +355,3 @@ def _same_param(module: torch.nn.Module, alias: str) -> str:
     """The canonical (first) name of the parameter that ``alias`` also names (tied weights)."""
     target = module.get_parameter(alias)
     return next(n for n, p in module.named_parameters() if p is target)
-
-
-def local_flat_ranges(
-    module: torch.nn.Module, stage3: bool, rank: int
-) -> list[tuple[str, torch.nn.Parameter, int, int]]:
-    """(name, parameter, start, end) of each non-empty flat range of a trainable parameter that
-    this rank's ZeRO partition holds (ZeRO-1/2: the fragment of the flat partition; ZeRO-3: the
-    parameter's partition, padding excluded)."""
-    out = []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if stage3:
-            part = p.ds_tensor.numel()  # partition size, padded so that part * world >= numel
-            start, end = rank * part, min((rank + 1) * part, p.ds_numel)
-        elif getattr(p, "_hp_mapping", None) is not None:
-            address = p._hp_mapping.lp_fragment_address
-            start, end = address.start, address.start + address.numel
-        else:  # ZeRO-1/2: no element of p in this rank's partition
-            continue
-        if start < end:
-            out.append((name, p, start, end))
-    return out
-
-
-def partition_grad(optimizer: Any, p: torch.nn.Parameter, stage3: bool, numel: int) -> torch.Tensor:
-    """1-D view (length ``numel``) of the reduced gradient partition the ZeRO optimizer reads."""
-    if stage3:
-        grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
-    else:
-        grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
-    flat = grad.view(-1)  # a view: raises rather than silently copying
-    if flat.numel() != numel:  # ZeRO-3 padding; a whole-parameter buffer (bf16 optimizer)
-        start = 0 if stage3 else p._hp_mapping.lp_fragment_address.start
-        flat = flat.narrow(0, start, numel)
-    return flat
-
-
-def renorm_offloaded_grads(optimizer: Any, params: list[torch.nn.Parameter], stage3: bool) -> None:
-    """Optimizer offload: DeepSpeed stored each parameter's local gradient norm during
-    backward, before the mask; replace them by the norms of the masked local partitions of
-    ``params`` (what ``step()`` sums into the clipping norm). Local only, no collective."""
-    for p in params:
-        if stage3:  # the whole padded partition, as DeepSpeed's safe_set_local_grad
-            grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
-            norm = optimizer._constant_buffered_norm2(grad)
-        else:
-            norm = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).to(get_norm_dtype()).norm(2)
-        optimizer.norm_for_param_grads[optimizer.get_param_id(p)] = norm
-
-
-def zero_partition_grad_views(
-    module: torch.nn.Module, optimizer: Any, rank: int, with_grads: bool = True
-) -> list[GradView]:
-    """This rank's reduced gradient partitions under a ZeRO ``optimizer`` that someone else's
-    loop drives (``ctscale.hf`` under the Hugging Face Trainer); the gradients are valid inside
-    the optimizer's ``step()``, before it reads them (``with_grads=False``: ranges only, any
-    time). The same ranges and buffers as ``DeepSpeedBackend``. Local, no communication."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    stage3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
-    views = []
-    for name, p, start, end in local_flat_ranges(module, stage3, rank):
-        shape = tuple(p.ds_shape) if stage3 else tuple(p.shape)
-        grad = partition_grad(optimizer, p, stage3, end - start) if with_grads else None
-        views.append(GradView(name, shape, start, end, grad))
-    return views
