@@ -494,7 +494,7 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                     f"{path} must be {req}: got {_show(value)}{where}; "
                     f"set it to a value that is {req} (default: {_show(_default(path))})"
                 )
-    t, dist = cfg.train, cfg.distributed
+    t = cfg.train
     if t.resume and t.overwrite:
         raise ConfigError(
             f"train.resume=true continues the run in train.output_dir, train.overwrite=true replaces "
@@ -508,26 +508,17 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             f"({t.grad_accum}){where}; set train.grad_accum to a divisor of "
             f"{t.batch_size} or change train.batch_size"
         )
-    ds_set = dist.deepspeed_config or dist.zero_stage is not None
-    if dist.backend == "deepspeed" and not ds_set:
-        raise ConfigError(
-            f"distributed.backend 'deepspeed' needs a DeepSpeed setup{where}; set "
-            "distributed.deepspeed_config to a DeepSpeed JSON file or "
-            "distributed.zero_stage to 0..3"
-        )
     if cfg.method.child_only_optimizer and cfg.method.name != "ct-d":
         raise ConfigError(
             f"method.child_only_optimizer needs a fixed child network (method.name 'ct-d'), got "
             f"method.name {cfg.method.name!r}{where}; set method.name=ct-d or "
             "method.child_only_optimizer=false"
         )
-    if cfg.method.child_only_optimizer and dist.backend == "deepspeed":
-        raise ConfigError(
-            f"method.child_only_optimizer is not supported with distributed.backend 'deepspeed'"
-            f"{where}: ZeRO's optimizer owns the fp32 master partitions and steps them as flat "
-            "groups, so it keeps state for every entry; use distributed.backend fsdp, ddp or local, "
-            "or set method.child_only_optimizer=false"
-        )
+    # the engine's own rules on its section (house rule 10: no engine rule here); lazy import,
+    # since the backends import this module
+    from ctscale.backends import check_section
+
+    check_section(cfg, where)
     _check_data_files(cfg.data, where)
     for name in ("candidates", "exclude"):
         for i, pattern in enumerate(getattr(cfg.fisher, name)):

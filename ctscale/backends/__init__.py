@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from ctscale import dist
-from ctscale.backends.base import Backend
-from ctscale.config import Config
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # light at run time: config validation imports this package
+    from ctscale.backends.base import Backend
+    from ctscale.config import Config
+
+
+def check_section(cfg: Config, where: str = "") -> None:
+    """The chosen engine's rules on the config alone (no file read, no engine import). Config
+    validation runs them, so ``load_config`` refuses what the engine cannot run; each engine
+    keeps its rules in its own module. ``where``: `` in FILE`` for messages, or empty."""
+    if cfg.distributed.backend == "deepspeed":
+        from ctscale.backends.ds_config import check_section as check_deepspeed_section
+
+        check_deepspeed_section(cfg, where)
 
 
 def check_config(cfg: Config) -> None:
     """The engine's own checks of ``cfg`` that need no engine: a bad DeepSpeed JSON fails here,
     in about a second, before any process group, ``import deepspeed`` or model load."""
     if cfg.distributed.backend == "deepspeed":
+        from ctscale import dist
         from ctscale.backends.ds_config import build_ds_config
 
         build_ds_config(cfg, dist.env_world_size())
