@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctscale import dist, store
-from ctscale.backends.base import Backend
+from ctscale.backends.base import Backend, ShardViews
 from ctscale.config import Config
 from ctscale.errors import ConfigError, MaskError
 from ctscale.fisher import FisherAccumulator, candidate_filter, select_child
@@ -182,7 +182,7 @@ def check_mask_on_record(cfg: Config) -> None:
             )
 
 
-def load_fixed_mask(path: str | Path, backend: Backend) -> FixedChildMask:
+def load_fixed_mask(path: str | Path, backend: ShardViews) -> FixedChildMask:
     """CT-D strategy from a mask file, resharded to the ranges this rank holds now."""
     info = store.read_info(path)
     if info.metadata.get("method") != "ct-d":

@@ -23,6 +23,7 @@ non-candidate parameters (embeddings, head: always fully trained) keep ordinary 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,8 +111,9 @@ class ChildAdamW(torch.optim.Optimizer):
     Parameters may be DTensors (FSDP2): only their local shard is read or written.
     State (per parameter, local): ``step``; fp32 ``exp_avg``, ``exp_avg_sq`` of length
     ``len(index)`` (candidates) or the local numel (others); fp32 ``master`` when the parameter is
-    bf16/fp16. ``state_dict()`` holds this rank's packed buffers: sharded backends save them
-    with ``ctscale.backends.child_state`` (global offsets, loadable at any world size).
+    bf16/fp16. ``state_dict()`` holds this rank's packed buffers; sharded backends call
+    ``save_sharded_state``/``load_sharded_state`` (``ShardedStateOptimizer``) instead, which
+    write them with ``ctscale.backends.child_state`` (global offsets, loadable at any world size).
     """
 
     def __init__(
@@ -193,6 +195,18 @@ class ChildAdamW(torch.optim.Optimizer):
             w.index_put_((idx,), new.to(w.dtype))
         elif master is not None:
             w.copy_(master)
+
+    def save_sharded_state(self, path: Path) -> None:
+        """Collective: this rank's packed buffers with their global offsets, into ``path``."""
+        from ctscale.backends.child_state import save_child_state  # it imports this module
+
+        save_child_state(self, path)
+
+    def load_sharded_state(self, path: Path) -> None:
+        """Collective: this rank's piece of what ``save_sharded_state`` wrote, at any world size."""
+        from ctscale.backends.child_state import load_child_state  # it imports this module
+
+        load_child_state(self, path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but packed fp32 buffers are not cast to the parameter dtype, and their

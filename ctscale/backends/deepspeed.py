@@ -47,10 +47,10 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, 
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
-from ctscale.backends.ds_config import build_ds_config, get_path
+from ctscale.backends.ds_config import build_ds_config, child_only_refusal, get_path
 from ctscale.backends.zero_views import local_flat_ranges, partition_grad, renorm_offloaded_grads
 from ctscale.config import Config
-from ctscale.errors import CtscaleError
+from ctscale.errors import ConfigError, CtscaleError
 from ctscale.masks.base import GradView
 
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -154,6 +154,11 @@ class DeepSpeedBackend:
             safe_set_local_fp32_param(p, local.to(self.device))
         else:  # ZeRO-1/2: the "full" setter copies just this rank's fragment
             safe_set_full_fp32_param(p, full.to(self.device))
+
+    def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
+        """Refused: ZeRO's optimizer owns the fp32 master partitions and steps them as flat groups
+        (``check_section`` refuses ``method.child_only_optimizer`` before a run starts)."""
+        raise ConfigError(child_only_refusal())
 
     # -- gradients -------------------------------------------------------------------------
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:

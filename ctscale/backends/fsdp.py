@@ -44,9 +44,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
-from ctscale.backends.base import OptimizerFactory, SchedulerFactory
-from ctscale.backends.child_state import load_child_state, save_child_state
-from ctscale.child_optim import ChildAdamW
+from ctscale.backends.base import OptimizerFactory, SchedulerFactory, ShardedStateOptimizer
 from ctscale.masks.base import GradView
 
 log = logging.getLogger(__name__)
@@ -225,11 +223,11 @@ class FSDPBackend:
     def save_checkpoint(self, path: Path) -> None:
         """Sharded model + optimizer via torch.distributed.checkpoint (each rank writes its own
         shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG.
-        Child-only AdamW's packed buffers have no DTensor layout for DCP; ``child_state`` saves
-        them with their global offsets, which also load at any world size."""
-        if isinstance(self.optimizer, ChildAdamW):
+        An optimizer whose state has no DTensor layout for DCP (``ShardedStateOptimizer``:
+        child-only AdamW's packed buffers) writes its own files, which also load at any world size."""
+        if isinstance(self.optimizer, ShardedStateOptimizer):
             dcp.save({"model": get_model_state_dict(self.model)}, checkpoint_id=str(path / "dcp"))
-            save_child_state(self.optimizer, path)
+            self.optimizer.save_sharded_state(path)
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / "dcp"))
@@ -238,11 +236,11 @@ class FSDPBackend:
         torch.save({"cpu": torch.get_rng_state()}, path / f"rng-{self.rank:05d}.pt")
 
     def load_checkpoint(self, path: Path) -> None:
-        if isinstance(self.optimizer, ChildAdamW):
+        if isinstance(self.optimizer, ShardedStateOptimizer):
             model_state = get_model_state_dict(self.model)
             dcp.load({"model": model_state}, checkpoint_id=str(path / "dcp"))
             set_model_state_dict(self.model, model_state)
-            load_child_state(self.optimizer, path)
+            self.optimizer.load_sharded_state(path)
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optimizer": optim_state}
