@@ -59,7 +59,9 @@ def build_strategy(
         seed = cfg.train.seed if method.mask_seed is None else method.mask_seed
         return RandomChildMask(method.reserve_p, seed, method.ctf_kernel)
     path = ctd_mask_path(cfg, mask_path)
+    assert path is not None  # method ct-d has a mask path
     if not (mask_path or method.mask_file):
+        assert fisher_pass is not None  # only a resumed run, which passes its mask, has none
         estimate_and_save_mask(cfg, backend, fisher_pass, Path(path), seconds)
     with _timed(seconds, "load_mask"):
         return load_fixed_mask(path, backend)
@@ -137,11 +139,11 @@ def save_child_network(
 
 def describe_child(
     method: str,
-    reserve_p: float,
+    reserve_p: float | None,
     selected: int = 0,
     total: int = 0,
     tensors: int | None = None,
-    fisher: tuple[int, float] | None = None,
+    fisher: tuple[int | None, float] | None = None,
 ) -> str:
     """The child network in one console line, as ``ctscale train`` and the HF callback print it:
     ``ct-d, 5,126 of 17,088 candidate entries (30.0%, p=0.3) in 32 tensors; fisher pass: 2

@@ -90,7 +90,9 @@ class ChildMask:
                 f"the child network of {view.name} covers [{piece[0]}, {piece[0] + piece[1]}) on "
                 f"this rank, the gradient [{view.start}, {view.end}); rebuild it from the mask file"
             )
+        assert view.grad is not None  # grad_views() always carries the gradient
         idx = self.index(view.name, view.grad.device)
+        assert idx is not None  # a piece was found above
         child = view.grad.index_select(0, idx)
         view.grad.zero_()
         view.grad.index_put_((idx,), child)
@@ -164,6 +166,7 @@ class ChildAdamW(torch.optim.Optimizer):
         """One AdamW step of this rank's piece of ``p``; ``idx``: child positions or None (all)."""
         lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
         w = local_shard(p).view(-1)  # a view: writes land in the parameter (shard)
+        assert p.grad is not None  # step() updates only parameters with a gradient
         grad = local_shard(p.grad).view(-1)
         state = self.state[p]
         if not state:

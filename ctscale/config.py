@@ -21,13 +21,14 @@ from typing import Any
 import yaml
 
 from ctscale import atomic
+from ctscale.backends import BACKEND_NAMES, check_section
 from ctscale.errors import ConfigError
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under its PyPI name
     try:
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[no-redef]
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]  # only TOML loading needs it
 
@@ -151,7 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "method.name": ("vanilla", "ct-f", "ct-d"),
     "method.ctf_kernel": ("auto", "eager", "compiled"),
-    "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
+    "distributed.backend": BACKEND_NAMES,
     "data.overlong": ("truncate", "drop"),
 }
 
@@ -514,11 +515,7 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             f"method.name {cfg.method.name!r}{where}; set method.name=ct-d or "
             "method.child_only_optimizer=false"
         )
-    # the engine's own rules on its section (house rule 10: no engine rule here); lazy import,
-    # since the backends import this module
-    from ctscale.backends import check_section
-
-    check_section(cfg, where)
+    check_section(cfg, where)  # the engine's own rules (house rule 10: no engine rule here)
     _check_data_files(cfg.data, where)
     for name in ("candidates", "exclude"):
         for i, pattern in enumerate(getattr(cfg.fisher, name)):

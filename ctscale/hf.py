@@ -186,6 +186,7 @@ class ChildTuningCallback(TrainerCallback):
                     f"resuming at step {state.global_step} but the run's CT-D mask {path} is missing; "
                     "pass mask_file= (a Fisher pass on trained weights would pick another child)"
                 )
+        assert self.shards is not None  # set in on_train_begin, before this
         strategy = load_fixed_mask(path, self.shards)  # checks names and shapes
         info = store.read_info(path)
         self.summary |= {
@@ -201,11 +202,12 @@ class ChildTuningCallback(TrainerCallback):
         """DeepSpeed: the Trainer's backward runs ``engine.step()`` itself, which clips and
         updates inside the ZeRO optimizer's ``step()``; mask the reduced partitions first.
         Instance attribute, removed again in ``on_train_end``."""
-        original = zero.step
+        original, shards = zero.step, self.shards
+        assert isinstance(shards, ZeroShards)  # on_train_begin chose them for this optimizer
 
         def step(*a: Any, **kw: Any) -> Any:
             self._apply(state.global_step)
-            self.shards.renorm_if_offloaded()
+            shards.renorm_if_offloaded()
             return original(*a, **kw)
 
         zero.step = step
@@ -218,7 +220,8 @@ class ChildTuningCallback(TrainerCallback):
 
     def _estimate_and_save(self, args, model: torch.nn.Module, loader, path: Path) -> None:
         """CT-D Fisher pass over global batches of ``loader``, exact top-p, mask saved. Collective."""
-        assert self.shards is not None
+        # not ZeroShards: CT-D under DeepSpeed needs mask_file (_build_strategy)
+        assert isinstance(self.shards, LocalShards)
         shapes = self.shards.param_shapes()
         scope = lora.ctd_scope(self.candidates, self.exclude, shapes)
         is_candidate = candidate_filter(scope, self.exclude)

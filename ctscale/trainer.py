@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from ctscale.child_optim import ChildAdamW, ChildMask
 from ctscale.config import Config, config_to_dict, save_config
 from ctscale.errors import ConfigError, DataError
 from ctscale.fisher import FisherAccumulator, fisher_mode
-from ctscale.masks import MaskStrategy
+from ctscale.masks import FixedChildMask, MaskStrategy
 from ctscale.models import load_tokenizer
 from ctscale.profiling import StepProfiler, phase
 from ctscale.tasks import load_task_data
@@ -50,7 +51,7 @@ def adamw_factory(cfg: Config, child: ChildMask | None = None):
 
     def make(named: NamedParams) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in named if p.requires_grad]
-        groups = [
+        groups: list[dict[str, Any]] = [
             {
                 "params": [(n, p) for n, p in named if not n.endswith(NO_DECAY)],
                 "weight_decay": cfg.train.weight_decay,
@@ -231,6 +232,7 @@ class Trainer:
         if method.name == "ct-f":
             tqdm.write(f"mask: {describe_child('ct-f', method.reserve_p)}")
             return {}
+        assert self.mask_path is not None  # ct-d
         info = store.read_info(self.mask_path)
         ran = "fisher" in seconds
         line = describe_child(
@@ -250,7 +252,7 @@ class Trainer:
         which masks the gradients from now on (clipping then sees dense CT-D's norm)."""
         if not self.cfg.method.child_only_optimizer:
             return strategy
-        child = ChildMask.from_fixed(strategy)
+        child = ChildMask.from_fixed(cast(FixedChildMask, strategy))  # config: child-only needs ct-d
         self.backend.replace_optimizer(adamw_factory(self.cfg, child))
         return child
 
@@ -402,7 +404,8 @@ class Trainer:
         if self.is_main:
             tmp = self.out / f".model.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
+            model: Any = self.backend.unwrapped_model()  # a transformers PreTrainedModel
+            model.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
             _replace_dir(tmp, final)
         dist.barrier()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # light at run time: config validation imports this package
+if TYPE_CHECKING:  # nothing at run time: ctscale.config imports this package
     from ctscale.backends.base import Backend
     from ctscale.config import Config
+
+# distributed.backend's choices, in the order a config error lists them
+BACKEND_NAMES = ("local", "ddp", "deepspeed", "fsdp")
 
 
 def check_section(cfg: Config, where: str = "") -> None:
@@ -33,15 +36,15 @@ def build_backend(cfg: Config) -> Backend:
     """The backend ``cfg.distributed.backend`` names; imports DeepSpeed only when asked for."""
     check_config(cfg)
     name = cfg.distributed.backend
-    common = dict(grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm, bf16=cfg.train.bf16)
+    t = cfg.train
     if name in ("local", "ddp"):
         from ctscale.backends.local import LocalBackend
 
-        return LocalBackend(ddp=name == "ddp", **common)
+        return LocalBackend(t.grad_accum, t.max_grad_norm, t.bf16, ddp=name == "ddp")
     if name == "fsdp":
         from ctscale.backends.fsdp import FSDPBackend
 
-        return FSDPBackend(**common)
+        return FSDPBackend(t.grad_accum, t.max_grad_norm, t.bf16)
     if name == "deepspeed":
         from ctscale.backends.deepspeed import DeepSpeedBackend
 

@@ -40,6 +40,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -48,7 +49,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
 from ctscale.backends.ds_config import build_ds_config, child_only_refusal, get_path
-from ctscale.backends.zero_views import local_flat_ranges, partition_grad, renorm_offloaded_grads
+from ctscale.backends.zero_views import ZeroParam, local_flat_ranges, partition_grad, renorm_offloaded_grads
 from ctscale.config import Config
 from ctscale.errors import ConfigError, CtscaleError
 from ctscale.masks.base import GradView
@@ -91,7 +92,7 @@ class DeepSpeedBackend:
         self._offload = offload.get("device", "none") == "cpu"
         # bf16 masters: the bf16 partitions are the masters; there is no fp32 copy to keep exact
         self._bf16_masters = get_path(self.ds_config, "bf16.bf16_master_weights_and_grads") is True
-        self._hf_ds_config = None
+        self._hf_ds_config: Any = None  # transformers' HfDeepSpeedConfig while building under zero.Init
 
     @contextlib.contextmanager
     def model_init_context(self) -> Iterator[None]:
@@ -146,7 +147,7 @@ class DeepSpeedBackend:
             if name in exact:
                 self._set_local_master(p, exact[name].view(-1), start, end)
 
-    def _set_local_master(self, p: torch.nn.Parameter, full: torch.Tensor, start: int, end: int) -> None:
+    def _set_local_master(self, p: ZeroParam, full: torch.Tensor, start: int, end: int) -> None:
         """Overwrite this rank's fp32 master entries ``[start, end)`` of ``p`` from its full flat
         value (local copies only, no communication)."""
         if self.stage == 3:  # the local setter wants the padded partition
@@ -192,7 +193,7 @@ class DeepSpeedBackend:
     def shard_ranges(self) -> list[GradView]:
         return [GradView(name, self._shape(p), start, end) for name, p, start, end in self._ranges]
 
-    def _shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+    def _shape(self, p: ZeroParam) -> tuple[int, ...]:
         return tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -269,7 +270,7 @@ class DeepSpeedBackend:
         return self.module
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     # -- checkpoints: this rank's fp32 partitions and AdamW state, tensors only ---------------
     # Not engine.save_checkpoint: DeepSpeed's loader unpickles arbitrary objects, and ctscale
@@ -353,7 +354,8 @@ def _keep_used_weight_conversions(model: torch.nn.Module) -> None:
     for module in model.modules():
         conversions = getattr(module, "_weight_conversions", None)
         if conversions:
-            module._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+            used = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+            module._weight_conversions = used  # type: ignore[assignment]  # transformers' own attribute
 
 
 def _same_param(module: torch.nn.Module, alias: str) -> str:

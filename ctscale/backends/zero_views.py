@@ -23,14 +23,18 @@ from deepspeed.runtime.zero.utils import get_norm_dtype
 
 from ctscale.masks.base import GradView
 
+# a Parameter that DeepSpeed has annotated (ds_tensor, ds_numel, ds_shape, _hp_mapping, ...)
+ZeroParam = Any
+
 
 def local_flat_ranges(
     module: torch.nn.Module, stage3: bool, rank: int
-) -> list[tuple[str, torch.nn.Parameter, int, int]]:
+) -> list[tuple[str, ZeroParam, int, int]]:
     """(name, parameter, start, end) of each non-empty flat range of a trainable parameter that
     this rank's ZeRO partition holds (ZeRO-1/2: the fragment of the flat partition; ZeRO-3: the
     parameter's partition, padding excluded)."""
     out = []
+    p: ZeroParam
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -47,7 +51,7 @@ def local_flat_ranges(
     return out
 
 
-def partition_grad(optimizer: Any, p: torch.nn.Parameter, stage3: bool, numel: int) -> torch.Tensor:
+def partition_grad(optimizer: Any, p: ZeroParam, stage3: bool, numel: int) -> torch.Tensor:
     """1-D view (length ``numel``) of the reduced gradient partition the ZeRO optimizer reads."""
     if stage3:
         grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
@@ -60,7 +64,7 @@ def partition_grad(optimizer: Any, p: torch.nn.Parameter, stage3: bool, numel: i
     return flat
 
 
-def renorm_offloaded_grads(optimizer: Any, params: list[torch.nn.Parameter], stage3: bool) -> None:
+def renorm_offloaded_grads(optimizer: Any, params: list[ZeroParam], stage3: bool) -> None:
     """Optimizer offload: DeepSpeed stored each parameter's local gradient norm during
     backward, before the mask; replace them by the norms of the masked local partitions of
     ``params`` (what ``step()`` sums into the clipping norm). Local only, no collective."""
