@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ctscale.backends import BACKEND_NAMES, check_section
 from ctscale.errors import ConfigError
 from ctscale.methods.registry import check_method_config, method_names
 
@@ -27,7 +28,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under its PyPI name
     try:
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[no-redef]
     except ModuleNotFoundError:
         tomllib = None  # type: ignore[assignment]  # only TOML loading needs it
 
@@ -152,7 +153,7 @@ SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.field
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "method.ctf_kernel": ("auto", "eager", "compiled"),
-    "distributed.backend": ("local", "ddp", "deepspeed", "fsdp"),
+    "distributed.backend": BACKEND_NAMES,
     "data.overlong": ("truncate", "drop"),
 }
 
@@ -487,7 +488,7 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
                     f"{path} must be {req}: got {_show(value)}{where}; "
                     f"set it to a value that is {req} (default: {_show(_default(path))})"
                 )
-    t, dist = cfg.train, cfg.distributed
+    t = cfg.train
     if t.resume and t.overwrite:
         raise ConfigError(
             f"train.resume=true continues the run in train.output_dir, train.overwrite=true replaces "
@@ -501,21 +502,8 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             f"({t.grad_accum}){where}; set train.grad_accum to a divisor of "
             f"{t.batch_size} or change train.batch_size"
         )
-    ds_set = dist.deepspeed_config or dist.zero_stage is not None
-    if dist.backend == "deepspeed" and not ds_set:
-        raise ConfigError(
-            f"distributed.backend 'deepspeed' needs a DeepSpeed setup{where}; set "
-            "distributed.deepspeed_config to a DeepSpeed JSON file or "
-            "distributed.zero_stage to 0..3"
-        )
     check_method_config(cfg, where)
-    if cfg.method.child_only_optimizer and dist.backend == "deepspeed":
-        raise ConfigError(
-            f"method.child_only_optimizer is not supported with distributed.backend 'deepspeed'"
-            f"{where}: ZeRO's optimizer owns the fp32 master partitions and steps them as flat "
-            "groups, so it keeps state for every entry; use distributed.backend fsdp, ddp or local, "
-            "or set method.child_only_optimizer=false"
-        )
+    check_section(cfg, where)  # the engine's own rules (house rule 10: no engine rule here)
     _check_data_files(cfg.data, where)
     for name in ("candidates", "exclude"):
         for i, pattern in enumerate(getattr(cfg.fisher, name)):

@@ -5,9 +5,13 @@ World size 1 is the same code path with every collective skipped (house rule 2, 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -50,16 +54,16 @@ def mean_over_ranks(value: float) -> float:
     return float(all_reduce_sum_(torch.tensor([value], dtype=torch.float64))[0]) / world_size()
 
 
-def all_gather_objects(obj: object) -> list[object]:
+def all_gather_objects(obj: T) -> list[T]:
     """Every rank's ``obj`` in rank order (a one-item list at world size 1). Small objects only."""
     if world_size() == 1:
         return [obj]
-    out: list[object] = [None] * world_size()
+    out: list = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: T, src: int = 0) -> T:
     """``obj`` from rank ``src`` on every rank."""
     if world_size() == 1:
         return obj

@@ -11,7 +11,7 @@ The callback masks the gradient where the engine keeps it, with ctscale's own st
   the rank's ``Shard(0)`` rows, ``p.grad.to_local()``, after the reduce-scatter (the same views
   as ``ctscale.backends.fsdp``);
 - DeepSpeed ZeRO-1/2/3 (accelerate): the rank's fp32 gradient partition (the same views as
-  ``ctscale.backends.deepspeed``), masked inside the ZeRO optimizer's ``step()``.
+  ``ctscale.backends.zero_views``), masked inside the ZeRO optimizer's ``step()``.
 
 Order, per engine, each exact:
 - one process, DDP, FSDP2: **clip, then mask** (the reference implementation's order: its mask
@@ -51,170 +51,23 @@ and seconds, the mask's selected/total entries), and the same numbers as
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ctscale import dist
-from ctscale.backends.fsdp import shard0_flat_range, shard0_grad_view
+from ctscale.backends.hf_views import LocalShards, ZeroShards, zero_optimizer
 from ctscale.config import Config
 from ctscale.errors import ConfigError, CtscaleError, MaskError
 from ctscale.methods import method_names
-from ctscale.methods.base import GradView, MaskStrategy
+from ctscale.methods.base import MaskStrategy
 from ctscale.methods.ct_d import lora_scope
 from ctscale.methods.ct_d.fisher import FisherAccumulator, fisher_mode
 from ctscale.methods.registry import MethodSpec, build_strategy, get_method
-
-# prefixes that wrappers insert into parameter names; masks are keyed by the HF model's names
-_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-def canonical_name(name: str) -> str:
-    """The parameter name in the unwrapped Hugging Face model."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-class LocalShards:
-    """Where this rank's gradients live in a model the Trainer is training (not DeepSpeed).
-
-    Duck-types what ``ctscale.methods.ct_d.pipeline.load_fixed_mask`` needs from a backend (``param_shapes``,
-    ``shard_ranges``). Ranges are computed once; gradients are read per step.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            # flat parameters: neither the canonical names nor the flat ranges are visible
-            raise ConfigError(
-                "ChildTuningCallback supports FSDP2 (fully_shard), not FSDP1; set fsdp_version: 2 "
-                "in the accelerate config (or fsdp_config={'version': 2} in TrainingArguments)"
-            )
-        self.params: list[tuple[str, torch.nn.Parameter, int, int]] = []
-        self.sharded = False
-        for raw, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            name = canonical_name(raw)
-            if isinstance(p, DTensor):  # FSDP2: this rank's dim-0 rows
-                mesh = p.device_mesh
-                if mesh.ndim != 1:
-                    raise ConfigError(
-                        f"{name} is sharded on a {mesh.ndim}-D device mesh; ChildTuningCallback "
-                        "supports FSDP2 on a 1-D mesh (plain fully_shard), not HSDP or TP"
-                    )
-                start, end = shard0_flat_range(name, p, mesh.get_local_rank(), mesh.size())
-                self.sharded = True
-            else:
-                start, end = 0, p.numel()
-            self.params.append((name, p, start, end))
-        if not self.params:
-            raise ConfigError("the model has no trainable parameter: Child-Tuning has nothing to mask")
-        if self.sharded and not all(isinstance(p, DTensor) for _, p, _, _ in self.params):
-            raise ConfigError("some parameters are DTensors and some are not: unsupported sharding")
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p, _, _ in self.params}  # DTensor shape is global
-
-    def shard_ranges(self) -> list[GradView]:
-        return [GradView(n, tuple(p.shape), s, e) for n, p, s, e in self.params]
-
-    def grad_views(self) -> Iterator[GradView]:
-        """This rank's reduced gradient pieces, flat views of the storage the optimizer reads."""
-        for name, p, start, end in self.params:
-            if p.grad is None:
-                continue
-            if self.sharded:
-                yield shard0_grad_view(name, p, start, end)
-            else:
-                yield GradView(name, tuple(p.shape), start, end, p.grad.view(-1))
-
-    def reduce_replicas(self) -> None:
-        """DDP's reduction (divide by the world size, then sum) for a backward run outside the
-        DDP wrapper (the Fisher pass sees only the unwrapped model). Fisher pass only."""
-        if self.sharded or dist.world_size() == 1:
-            return  # FSDP2's own backward has reduce-scattered already
-        for _, p, _, _ in self.params:
-            if p.grad is not None:
-                p.grad.div_(dist.world_size())
-                dist.all_reduce_sum_(p.grad)
-
-
-class ZeroShards:
-    """This rank's reduced partitions under DeepSpeed ZeRO-1/2/3 (the Trainer through accelerate).
-
-    The views come from ``ctscale.backends.deepspeed`` (the only module importing deepspeed)
-    and are valid inside the ZeRO optimizer's ``step()``, where the callback applies the mask.
-    """
-
-    def __init__(self, model: torch.nn.Module, zero: Any) -> None:
-        from ctscale.backends.deepspeed import (
-            local_flat_ranges,
-            renorm_offloaded_grads,
-            zero_partition_grad_views,
-        )
-
-        self._views, self._ranges, self._renorm = (
-            zero_partition_grad_views,
-            local_flat_ranges,
-            renorm_offloaded_grads,
-        )
-        self.model, self.zero, self.rank = model, zero, dist.rank()
-        self.sharded = True
-        self.stage3 = type(zero).__name__ == "DeepSpeedZeroOptimizer_Stage3"
-        self.offloaded = bool(
-            getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)
-        )
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {
-            n: tuple(getattr(p, "ds_shape", p.shape))
-            for n, p in self.model.named_parameters()
-            if p.requires_grad
-        }
-
-    def shard_ranges(self) -> list[GradView]:
-        return self._views(self.model, self.zero, self.rank, with_grads=False)
-
-    def grad_views(self) -> Iterator[GradView]:
-        yield from self._views(self.model, self.zero, self.rank)
-
-    def renorm_if_offloaded(self) -> None:
-        """Optimizer offload: DeepSpeed took each partition's gradient norm during the offload
-        copy, before the mask; put the masked norms in their place, so clipping sees them."""
-        if self.offloaded:
-            params = [p for _, p, _, _ in self._ranges(self.model, self.stage3, self.rank)]
-            self._renorm(self.zero, params, self.stage3)
-
-
-_ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
-
-
-def _zero_optimizer(model: torch.nn.Module, optimizer: Any) -> Any | None:
-    """The ZeRO optimizer when the Trainer runs DeepSpeed, else None; errors for DeepSpeed
-    set-ups where the reduced gradient is never visible before it is used."""
-    if type(optimizer).__name__ != "DeepSpeedOptimizerWrapper" and not any(
-        hasattr(p, "ds_id") for p in model.parameters()
-    ):
-        return None
-    zero = getattr(optimizer, "optimizer", None)
-    if type(zero).__name__ not in _ZERO_OPTIMIZERS:
-        raise ConfigError(
-            f"ChildTuningCallback supports DeepSpeed ZeRO stages 1-3, not {type(zero).__name__} "
-            "(ZeRO stage 0 or a DeepSpeed optimizer); set zero_optimization.stage to 1, 2 or 3, or use DDP"
-        )
-    if getattr(zero, "swap_optimizer", False) or getattr(zero, "params_in_nvme_and_cpu", False):
-        raise ConfigError(
-            "ChildTuningCallback: NVMe offload is not supported (the gradient partitions are on disk "
-            'when the mask would apply); use "device": "cpu" in offload_optimizer / offload_param'
-        )
-    return zero
 
 
 class ChildTuningCallback(TrainerCallback):
@@ -291,7 +144,7 @@ class ChildTuningCallback(TrainerCallback):
     ):
         if model is None:
             raise CtscaleError("ChildTuningCallback: the Trainer passed no model to on_train_begin")
-        zero = _zero_optimizer(model, optimizer)
+        zero = zero_optimizer(model, optimizer)
         self.shards = ZeroShards(model, zero) if zero is not None else LocalShards(model)
         self.masked_steps, self._pending = 0, None
         self.summary, self._summary_logged = {"child_tuning/reserve_p": self.reserve_p}, False
@@ -346,6 +199,7 @@ class ChildTuningCallback(TrainerCallback):
         path, resumed = None, None
         if self.spec.mask_path is not None:
             path = self.mask_file or self.mask_out or self.spec.mask_path(cfg, None)
+            assert path is not None  # a method with a mask path names one for every config
             if self.mask_file is None and state.global_step > 0:  # a resumed run keeps its child
                 if not Path(path).exists():
                     raise MaskError(
@@ -358,12 +212,13 @@ class ChildTuningCallback(TrainerCallback):
             self._fisher_pass(args, model, loader, fisher)
 
         seconds: dict[str, float] = {}
+        assert self.shards is not None  # set in on_train_begin, before this
         strategy = build_strategy(cfg, self.shards, fisher_pass, resumed, seconds, self.mask_out)
         if path is not None:
             lora_scope.refuse_frozen_lora_a(path)
         child = self.spec.describe(cfg, path, seconds) if self.spec.describe else None
         self._child_line = child.line if child else self.method
-        if child is not None and child.selected is not None:
+        if child is not None and child.selected is not None and child.total is not None:
             self.summary |= {"child_tuning/selected": child.selected, "child_tuning/total": child.total}
         if child is not None and child.fisher_batches is not None:
             self.summary |= {
@@ -376,11 +231,12 @@ class ChildTuningCallback(TrainerCallback):
         """DeepSpeed: the Trainer's backward runs ``engine.step()`` itself, which clips and
         updates inside the ZeRO optimizer's ``step()``; mask the reduced partitions first.
         Instance attribute, removed again in ``on_train_end``."""
-        original = zero.step
+        original, shards = zero.step, self.shards
+        assert isinstance(shards, ZeroShards)  # on_train_begin chose them for this optimizer
 
         def step(*a: Any, **kw: Any) -> Any:
             self._apply(state.global_step)
-            self.shards.renorm_if_offloaded()
+            shards.renorm_if_offloaded()
             return original(*a, **kw)
 
         zero.step = step
@@ -394,7 +250,8 @@ class ChildTuningCallback(TrainerCallback):
     def _fisher_pass(self, args, model: torch.nn.Module, loader, fisher: FisherAccumulator) -> None:
         """CT-D's Fisher pass over global batches of the Trainer's ``loader`` (the method's
         estimator, selection and saving do the rest). Collective."""
-        assert self.shards is not None
+        # not ZeroShards: a Fisher pass under DeepSpeed needs mask_file (_build_strategy)
+        assert isinstance(self.shards, LocalShards)
         accum = args.gradient_accumulation_steps
         available = len(loader) // accum
         batches = self.fisher_batches or available

@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,9 @@ def _load_model(cfg: Config):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if cfg.data.task in CAUSAL_TASKS else AutoModelForSequenceClassification
-    model = auto.from_pretrained(cfg.model.name_or_path, dtype=getattr(torch, cfg.model.dtype))
+    model: torch.nn.Module = auto.from_pretrained(
+        cfg.model.name_or_path, dtype=getattr(torch, cfg.model.dtype)
+    )
     return model.to(_device()).eval()
 
 
@@ -258,7 +261,7 @@ def _prompt_ids(cfg: Config, tokenizer, table: Table, i: int, row: dict) -> list
 def _generate(cfg: Config, tokenizer, model, table: Table, gen: Generation) -> list[dict]:
     torch.manual_seed(gen.seed)
     sample = gen.temperature > 0
-    options = {"do_sample": sample, "max_new_tokens": gen.max_new_tokens}
+    options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": gen.max_new_tokens}
     if sample:
         options |= {"temperature": gen.temperature, "top_p": gen.top_p}
     records = []

@@ -129,9 +129,14 @@ def density_table(info: MaskInfo) -> dict[str, Any]:
             matrices.add(module)
         s, t = info.selected[name], math.prod(shape)
         row = cells.setdefault(layer, {})
-        for table, key in ((row, module), (by_layer, layer), (by_module, module)):
-            old = table.get(key, (0, 0))
-            table[key] = (old[0] + s, old[1] + t)
+        totals: list[tuple[dict[Any, tuple[int, int]], Any]] = [
+            (row, module),
+            (by_layer, layer),
+            (by_module, module),
+        ]
+        for sums, key in totals:
+            old = sums.get(key, (0, 0))
+            sums[key] = (old[0] + s, old[1] + t)
     layers = sorted(cells, key=lambda x: (x is None, x or 0))
 
     def order(m: str) -> tuple[int, str]:
@@ -237,7 +242,7 @@ def overlap(paths: Sequence[str | Path]) -> dict[str, Any]:
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    masks = [
+    masks: list[dict[str, Any]] = [
         dict(path=str(p), selected=info.total_selected, density=ratio(info.total_selected, total))
         | {key: info.metadata.get(key) for key in ("method", "reserve_p", "task")}
         for p, info in zip(paths, infos)

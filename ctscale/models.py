@@ -33,6 +33,9 @@ class ClassifierHead(Protocol):
     @property
     def label_list(self) -> tuple[str, ...] | None: ...
 
+    @property
+    def name(self) -> str: ...
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PYPI_PREFIX = "pypi:"
@@ -140,8 +143,9 @@ def load_classifier(cfg: ModelConfig, task: ClassifierHead) -> torch.nn.Module:
             f"this task's {task.num_labels} output(s) ({task.name}); start from a checkpoint without "
             "a task head (the base model) or one trained with the same labels"
         ) from None
-    if model.config.pad_token_id is None:  # decoders classify at the last non-pad token
-        model.config.pad_token_id = model.config.eos_token_id
+    config: Any = model.config  # a transformers PretrainedConfig
+    if config.pad_token_id is None:  # decoders classify at the last non-pad token
+        config.pad_token_id = config.eos_token_id
     return model
 
 
@@ -186,7 +190,7 @@ def _load(auto_cls, cfg: ModelConfig, **config_overrides) -> torch.nn.Module:
     return model
 
 
-def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
+def _forget_gguf_quantizer(model: Any) -> None:  # a transformers PreTrainedModel
     """GGUF weights are dequantised into ordinary ``dtype`` tensors on load, but transformers
     keeps marking the model as quantised, which blocks ``save_pretrained``; drop the marks."""
     model.hf_quantizer = None
@@ -200,7 +204,7 @@ def meta_model(cfg: ModelConfig, task: Any = None) -> torch.nn.Module:
     ``num_labels`` and ``is_regression``, e.g. a GlueTask) is given, else a causal LM."""
     path = resolve_model_path(cfg.name_or_path)
     overrides: dict[str, Any] = dict(_weights_kwargs(cfg, path))
-    auto = AutoModelForCausalLM
+    auto: Any = AutoModelForCausalLM
     if task is not None:
         auto = AutoModelForSequenceClassification
         problem = "regression" if task.is_regression else "single_label_classification"

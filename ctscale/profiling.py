@@ -50,11 +50,11 @@ class StepProfiler:
 
     def step_ends(self, step: int) -> dict | None:
         """After the window's last step: write this rank's files, return the phase summary."""
-        if self._prof is None or step + 1 != self.first + self.count:
+        if self._prof is None or self.first is None or step + 1 != self.first + self.count:
             return None
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the window's kernels are in the trace
-        prof, self._prof = self._prof, None
+        prof, self._prof, first = self._prof, None, self.first
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"trace-rank{self.rank:05d}.json"
@@ -64,7 +64,7 @@ class StepProfiler:
         table = prof.key_averages().table(sort_by=sort, row_limit=40)
         atomic.write_text(self.out_dir / f"ops-rank{self.rank:05d}.txt", table)
         return {
-            "steps": [self.first, self.first + self.count],
+            "steps": [first, first + self.count],
             "trace": str(trace),
             "phases_ms_per_step": _phase_ms(prof, self.count),
         }

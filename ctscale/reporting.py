@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ctscale.errors import ConfigError
 
@@ -60,7 +61,11 @@ def check_installed(names: list[str]) -> None:
 
 def open_trackers(names: list[str], run_dir: Path, config: dict[str, Any]) -> list[Tracker]:
     """One tracker per name, writing under ``run_dir``; ``config`` is logged as the run's parameters."""
-    classes = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+    classes: dict[str, Callable[[Path, dict[str, Any]], Tracker]] = {
+        "tensorboard": TensorBoardTracker,
+        "wandb": WandbTracker,
+        "mlflow": MlflowTracker,
+    }
     return [classes[name](run_dir, config) for name in names]
 
 
@@ -102,7 +107,7 @@ class WandbTracker:
             project=os.environ.get("WANDB_PROJECT", "ctscale"),
             name=run_dir.name,
             dir=str(run_dir),
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=cast(Any, os.environ.get("WANDB_MODE", "offline")),  # wandb checks the value
             config=config,
             reinit="create_new",  # a second Trainer in one process gets its own run
         )

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from ctscale.errors import ConfigError, DataError
 from ctscale.methods.base import MaskStrategy
 from ctscale.methods.child_optim import ChildAdamW, ChildMask
 from ctscale.methods.ct_d.fisher import FisherAccumulator, fisher_mode
+from ctscale.methods.fixed_mask import FixedChildMask
 from ctscale.methods.registry import build_strategy, get_method, preflight, run_mask_path
 from ctscale.models import load_tokenizer
 from ctscale.profiling import StepProfiler, phase
@@ -45,7 +47,7 @@ def adamw_factory(cfg: Config, child: ChildMask | None = None):
 
     def make(named: NamedParams) -> torch.optim.Optimizer:
         named = [(n, p) for n, p in named if p.requires_grad]
-        groups = [
+        groups: list[dict[str, Any]] = [
             {
                 "params": [(n, p) for n, p in named if not n.endswith(NO_DECAY)],
                 "weight_decay": cfg.train.weight_decay,
@@ -235,7 +237,7 @@ class Trainer:
         which masks the gradients from now on (clipping then sees dense CT-D's norm)."""
         if not self.cfg.method.child_only_optimizer:
             return strategy
-        child = ChildMask.from_fixed(strategy)
+        child = ChildMask.from_fixed(cast(FixedChildMask, strategy))  # config: child-only needs ct-d
         self.backend.replace_optimizer(adamw_factory(self.cfg, child))
         return child
 
@@ -386,7 +388,8 @@ class Trainer:
         final = self.out / "model"
         if self.is_main:
             with atomic.replacing_dir(final) as tmp:
-                self.backend.unwrapped_model().save_pretrained(tmp, state_dict=state)
+                model: Any = self.backend.unwrapped_model()  # a transformers PreTrainedModel
+                model.save_pretrained(tmp, state_dict=state)
                 self.tokenizer.save_pretrained(tmp)
         dist.barrier()
         return final

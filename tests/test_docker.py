@@ -639,9 +639,10 @@ def test_cpu_image_installs_what_the_readme_test_command_installs(cpu):
 def test_cpu_image_runs_what_ci_runs(cpu):
     argv = cpu.argv()
     assert argv[:2] == ["bash", "-c"] and len(argv) == 3
-    ruff = [line for line in ci_lines() if line.startswith("python -m ruff ")]
+    checks = [line for line in ci_lines() if line.startswith(("python -m ruff ", "python -m mypy"))]
+    assert any(line.startswith("python -m mypy") for line in checks)
     pytest_command = readme_test_command().split("&&")[-1].strip()
-    assert [s.strip() for s in argv[2].split("&&")] == [*ruff, pytest_command]
+    assert [s.strip() for s in argv[2].split("&&")] == [*checks, pytest_command]
     assert cpu.python() == "3.11"
 
 

@@ -93,7 +93,7 @@ def test_config_rules_come_from_the_registry():
 
 
 class _Shards:
-    """A ShardSource: global shapes and this rank's flat ranges."""
+    """A ShardViews: global shapes and this rank's flat ranges."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], ranges: list[tuple[str, int, int]]) -> None:
         self.shapes, self.ranges = shapes, ranges

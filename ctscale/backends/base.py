@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -19,7 +19,43 @@ OptimizerFactory = Callable[[NamedParams], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+class ShardViews(Protocol):
+    """Where this rank's gradients live: what a mask needs from an engine. Every ``Backend``
+    provides it, and so do the Hugging Face Trainer adapters (``ctscale.backends.hf_views``)."""
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> global shape of every trainable parameter, the same on every rank."""
+        ...
+
+    def shard_ranges(self) -> list[GradView]:
+        """The (name, shape, start, end) of every local shard, ``grad=None``."""
+        ...
+
+    def grad_views(self) -> Iterator[GradView]:
+        """This rank's reduced gradient shards, flat views of the storage the optimizer reads."""
+        ...
+
+
+@runtime_checkable
+class ShardedStateOptimizer(Protocol):
+    """An optimizer that writes its own state into a checkpoint directory: state without a layout
+    the engine's checkpointing knows (child-only AdamW's packed buffers have no DTensor
+    placement for ``torch.distributed.checkpoint``). A sharded backend checks for these two
+    methods, never for an optimizer class, and saves only the model itself then.
+
+    Both are collective: every rank calls them, each writes/reads its own files in ``path``.
+    """
+
+    def save_sharded_state(self, path: Path) -> None: ...
+
+    def load_sharded_state(self, path: Path) -> None: ...
+
+
 class Backend(Protocol):
+    """Everything the trainer, the checkpoint manager and the mask code call on an engine.
+    ``tests/test_backend_contract.py`` and mypy (``build_backend`` returns this type) check that
+    every backend class has each member with the same parameters."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -38,6 +74,14 @@ class Backend(Protocol):
 
         ``make_optimizer`` receives (canonical name, parameter) pairs of the parameters the
         optimizer will own (DTensors under FSDP2).
+        """
+        ...
+
+    def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
+        """A new optimizer (and schedule) over the parameters ``setup`` wrapped, before the first
+        step: CT-D's child-only AdamW is built from the mask, which exists only after setup.
+        An engine that cannot raises ``ctscale.errors.ConfigError`` (DeepSpeed: ZeRO's optimizer
+        owns the master partitions); its config rules (``check_section``) refuse such a run first.
         """
         ...
 
@@ -99,7 +143,8 @@ class Backend(Protocol):
     def save_checkpoint(self, path: Path) -> None:
         """Write model, optimizer, scheduler and RNG state into the existing directory ``path``.
 
-        Collective; each rank writes its own files (nothing is written twice).
+        Collective; each rank writes its own files (nothing is written twice). A sharded engine
+        lets a ``ShardedStateOptimizer`` write its own state (its hooks, not its class, decide).
         """
         ...
 

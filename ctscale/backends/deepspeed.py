@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-1/2/3: each rank holds a flat range of every gradient after reduction.
 
-The only module that imports ``deepspeed``. One optimizer step, as the trainer drives it:
+With ``zero_views``, the only modules that import ``deepspeed``. One optimizer step, as the
+trainer drives it:
 
     forward_backward(mb, boundary=False)   # engine.backward scales by 1/GAS; step() off the
     ...                                    # boundary only advances DeepSpeed's micro-step count
@@ -11,13 +12,9 @@ The only module that imports ``deepspeed``. One optimizer step, as the trainer d
 Order: mask THEN clip. DeepSpeed computes the global gradient norm inside ``engine.step()``
 from the partitions we have just masked, as the local backend clips after masking.
 
-Where the partitions live (private DeepSpeed state, checked against 0.19.8):
-- ZeRO-1/2: ``p._hp_mapping`` (``lp_fragment_address`` = this rank's flat range of ``p``) and
-  ``p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)`` = the entry of
-  ``optimizer.averaged_gradients`` that ``step()`` flattens into the fp32 partition.
-- ZeRO-3: ``optimizer._get_fp32_grad_state_partition(p)`` = the partition buffer that
-  ``safe_get_local_grad`` copies from and ``step()`` reads; rank r holds
-  ``[r * part, (r + 1) * part)`` of the flat tensor, ``part = p.ds_tensor.numel()`` (padded).
+The engine: set-up, step, Fisher-pass ``zero_grad`` and checkpoints. Where each rank's gradient
+partitions live (the views the mask writes into) is ``ctscale.backends.zero_views``; the
+DeepSpeed JSON is ``ctscale.backends.ds_config``. Private DeepSpeed state, checked against 0.19.8:
 - ``zero_grad`` (Fisher pass) repeats what DeepSpeed's own overflow-skip does: drop
   ``optimizer.averaged_gradients`` (ZeRO-1/2 also ``all_grad_tensors``,
   ``_release_preflattened_grad_buffers()``, ``micro_step_id``) and close the window with
@@ -47,14 +44,14 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.runtime.zero.utils import get_norm_dtype
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
-from ctscale.backends.ds_config import build_ds_config, get_path
+from ctscale.backends.ds_config import build_ds_config, child_only_refusal, get_path
+from ctscale.backends.zero_views import ZeroParam, local_flat_ranges, partition_grad, renorm_offloaded_grads
 from ctscale.config import Config
-from ctscale.errors import CtscaleError
+from ctscale.errors import ConfigError, CtscaleError
 from ctscale.methods.base import GradView
 
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -95,7 +92,7 @@ class DeepSpeedBackend:
         self._offload = offload.get("device", "none") == "cpu"
         # bf16 masters: the bf16 partitions are the masters; there is no fp32 copy to keep exact
         self._bf16_masters = get_path(self.ds_config, "bf16.bf16_master_weights_and_grads") is True
-        self._hf_ds_config = None
+        self._hf_ds_config: Any = None  # transformers' HfDeepSpeedConfig while building under zero.Init
 
     @contextlib.contextmanager
     def model_init_context(self) -> Iterator[None]:
@@ -150,7 +147,7 @@ class DeepSpeedBackend:
             if name in exact:
                 self._set_local_master(p, exact[name].view(-1), start, end)
 
-    def _set_local_master(self, p: torch.nn.Parameter, full: torch.Tensor, start: int, end: int) -> None:
+    def _set_local_master(self, p: ZeroParam, full: torch.Tensor, start: int, end: int) -> None:
         """Overwrite this rank's fp32 master entries ``[start, end)`` of ``p`` from its full flat
         value (local copies only, no communication)."""
         if self.stage == 3:  # the local setter wants the padded partition
@@ -158,6 +155,11 @@ class DeepSpeedBackend:
             safe_set_local_fp32_param(p, local.to(self.device))
         else:  # ZeRO-1/2: the "full" setter copies just this rank's fragment
             safe_set_full_fp32_param(p, full.to(self.device))
+
+    def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
+        """Refused: ZeRO's optimizer owns the fp32 master partitions and steps them as flat groups
+        (``check_section`` refuses ``method.child_only_optimizer`` before a run starts)."""
+        raise ConfigError(child_only_refusal())
 
     # -- gradients -------------------------------------------------------------------------
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
@@ -191,7 +193,7 @@ class DeepSpeedBackend:
     def shard_ranges(self) -> list[GradView]:
         return [GradView(name, self._shape(p), start, end) for name, p, start, end in self._ranges]
 
-    def _shape(self, p: torch.nn.Parameter) -> tuple[int, ...]:
+    def _shape(self, p: ZeroParam) -> tuple[int, ...]:
         return tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -268,7 +270,7 @@ class DeepSpeedBackend:
         return self.module
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     # -- checkpoints: this rank's fp32 partitions and AdamW state, tensors only ---------------
     # Not engine.save_checkpoint: DeepSpeed's loader unpickles arbitrary objects, and ctscale
@@ -352,77 +354,11 @@ def _keep_used_weight_conversions(model: torch.nn.Module) -> None:
     for module in model.modules():
         conversions = getattr(module, "_weight_conversions", None)
         if conversions:
-            module._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+            used = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+            module._weight_conversions = used  # type: ignore[assignment]  # transformers' own attribute
 
 
 def _same_param(module: torch.nn.Module, alias: str) -> str:
     """The canonical (first) name of the parameter that ``alias`` also names (tied weights)."""
     target = module.get_parameter(alias)
     return next(n for n, p in module.named_parameters() if p is target)
-
-
-def local_flat_ranges(
-    module: torch.nn.Module, stage3: bool, rank: int
-) -> list[tuple[str, torch.nn.Parameter, int, int]]:
-    """(name, parameter, start, end) of each non-empty flat range of a trainable parameter that
-    this rank's ZeRO partition holds (ZeRO-1/2: the fragment of the flat partition; ZeRO-3: the
-    parameter's partition, padding excluded)."""
-    out = []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if stage3:
-            part = p.ds_tensor.numel()  # partition size, padded so that part * world >= numel
-            start, end = rank * part, min((rank + 1) * part, p.ds_numel)
-        elif getattr(p, "_hp_mapping", None) is not None:
-            address = p._hp_mapping.lp_fragment_address
-            start, end = address.start, address.start + address.numel
-        else:  # ZeRO-1/2: no element of p in this rank's partition
-            continue
-        if start < end:
-            out.append((name, p, start, end))
-    return out
-
-
-def partition_grad(optimizer: Any, p: torch.nn.Parameter, stage3: bool, numel: int) -> torch.Tensor:
-    """1-D view (length ``numel``) of the reduced gradient partition the ZeRO optimizer reads."""
-    if stage3:
-        grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
-    else:
-        grad = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
-    flat = grad.view(-1)  # a view: raises rather than silently copying
-    if flat.numel() != numel:  # ZeRO-3 padding; a whole-parameter buffer (bf16 optimizer)
-        start = 0 if stage3 else p._hp_mapping.lp_fragment_address.start
-        flat = flat.narrow(0, start, numel)
-    return flat
-
-
-def renorm_offloaded_grads(optimizer: Any, params: list[torch.nn.Parameter], stage3: bool) -> None:
-    """Optimizer offload: DeepSpeed stored each parameter's local gradient norm during
-    backward, before the mask; replace them by the norms of the masked local partitions of
-    ``params`` (what ``step()`` sums into the clipping norm). Local only, no collective."""
-    for p in params:
-        if stage3:  # the whole padded partition, as DeepSpeed's safe_set_local_grad
-            grad, _ = optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=False)
-            norm = optimizer._constant_buffered_norm2(grad)
-        else:
-            norm = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).to(get_norm_dtype()).norm(2)
-        optimizer.norm_for_param_grads[optimizer.get_param_id(p)] = norm
-
-
-def zero_partition_grad_views(
-    module: torch.nn.Module, optimizer: Any, rank: int, with_grads: bool = True
-) -> list[GradView]:
-    """This rank's reduced gradient partitions under a ZeRO ``optimizer`` that someone else's
-    loop drives (``ctscale.hf`` under the Hugging Face Trainer); the gradients are valid inside
-    the optimizer's ``step()``, before it reads them (``with_grads=False``: ranges only, any
-    time). The same ranges and buffers as ``DeepSpeedBackend``. Local, no communication."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    stage3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
-    views = []
-    for name, p, start, end in local_flat_ranges(module, stage3, rank):
-        shape = tuple(p.ds_shape) if stage3 else tuple(p.shape)
-        grad = partition_grad(optimizer, p, stage3, end - start) if with_grads else None
-        views.append(GradView(name, shape, start, end, grad))
-    return views

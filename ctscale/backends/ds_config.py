@@ -18,6 +18,31 @@ from ctscale.errors import ConfigError
 DEFAULT_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 2}}
 
 
+def check_section(cfg: Config, where: str = "") -> None:
+    """The DeepSpeed backend's rules on the config alone (no file read): run by config validation
+    (``ctscale.backends.check_section``) when ``distributed.backend`` is ``deepspeed``.
+    ``where``: `` in FILE`` for the message, or empty."""
+    d = cfg.distributed
+    if not (d.deepspeed_config or d.zero_stage is not None):
+        raise ConfigError(
+            f"distributed.backend 'deepspeed' needs a DeepSpeed setup{where}; set "
+            "distributed.deepspeed_config to a DeepSpeed JSON file or "
+            "distributed.zero_stage to 0..3"
+        )
+    if cfg.method.child_only_optimizer:
+        raise ConfigError(child_only_refusal(where))
+
+
+def child_only_refusal(where: str = "") -> str:
+    """Why ZeRO cannot take a child-only optimizer (config validation and ``replace_optimizer``)."""
+    return (
+        f"method.child_only_optimizer is not supported with distributed.backend 'deepspeed'"
+        f"{where}: ZeRO's optimizer owns the fp32 master partitions and steps them as flat "
+        "groups, so it keeps state for every entry; use distributed.backend fsdp, ddp or local, "
+        "or set method.child_only_optimizer=false"
+    )
+
+
 def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` at ``world_size``: JSON (or default) + ctscale values.
 

@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as tdist
@@ -44,10 +45,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
-from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.backends.base import OptimizerFactory, SchedulerFactory, ShardedStateOptimizer
 from ctscale.methods.base import GradView
-from ctscale.methods.child_optim import ChildAdamW
-from ctscale.storage.child_optim_state import load_child_state, save_child_state
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ class FSDPBackend:
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-        self.model: FSDPModule = model  # type: ignore[assignment]
+        self.model: torch.nn.Module = model  # also an FSDPModule now
         if [n for n, _ in model.named_parameters()] != names:  # masks are keyed by these names
             raise RuntimeError("fully_shard changed the parameter names; ctscale cannot key masks")
         self._ranges = {n: self._local_range(n, p) for n, p in model.named_parameters() if p.requires_grad}
@@ -159,7 +158,7 @@ class FSDPBackend:
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         # off: keep accumulating unsharded local grads; on: this backward reduce-scatters them
-        self.model.set_requires_gradient_sync(boundary)
+        cast(FSDPModule, self.model).set_requires_gradient_sync(boundary)
         loss = self.model(**batch).loss
         (loss / self.grad_accum).backward()
         return float(loss.detach())
@@ -213,23 +212,23 @@ class FSDPBackend:
         """Collective: every rank calls it; rank 0 receives the full CPU state dict."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
-        return state if self.rank == 0 else None
+        return cast(dict[str, torch.Tensor], state) if self.rank == 0 else None
 
     def unwrapped_model(self) -> torch.nn.Module:
         """The sharded model itself: fully_shard keeps the HF class and the parameter names."""
         return self.model
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save_checkpoint(self, path: Path) -> None:
         """Sharded model + optimizer via torch.distributed.checkpoint (each rank writes its own
         shards; loads at any world size), plus the schedule (rank 0) and each rank's RNG.
-        Child-only AdamW's packed buffers have no DTensor layout for DCP; ``child_state`` saves
-        them with their global offsets, which also load at any world size."""
-        if isinstance(self.optimizer, ChildAdamW):
+        An optimizer whose state has no DTensor layout for DCP (``ShardedStateOptimizer``:
+        child-only AdamW's packed buffers) writes its own files, which also load at any world size."""
+        if isinstance(self.optimizer, ShardedStateOptimizer):
             dcp.save({"model": get_model_state_dict(self.model)}, checkpoint_id=str(path / "dcp"))
-            save_child_state(self.optimizer, path)
+            self.optimizer.save_sharded_state(path)
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path / "dcp"))
@@ -238,14 +237,14 @@ class FSDPBackend:
         torch.save({"cpu": torch.get_rng_state()}, path / f"rng-{self.rank:05d}.pt")
 
     def load_checkpoint(self, path: Path) -> None:
-        if isinstance(self.optimizer, ChildAdamW):
+        if isinstance(self.optimizer, ShardedStateOptimizer):
             model_state = get_model_state_dict(self.model)
             dcp.load({"model": model_state}, checkpoint_id=str(path / "dcp"))
             set_model_state_dict(self.model, model_state)
-            load_child_state(self.optimizer, path)
+            self.optimizer.load_sharded_state(path)
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
-            state = {"model": model_state, "optimizer": optim_state}
+            state: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
             dcp.load(state, checkpoint_id=str(path / "dcp"))  # reshards to this world size
             set_state_dict(
                 self.model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -41,7 +42,7 @@ class LocalBackend:
         self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ):
         self.model = model.to(self.device)
-        self.engine = DistributedDataParallel(self.model) if self.ddp else self.model
+        self.engine: torch.nn.Module = DistributedDataParallel(self.model) if self.ddp else self.model
         self._make_scheduler = make_scheduler
         self.replace_optimizer(make_optimizer)
 
@@ -58,7 +59,11 @@ class LocalBackend:
 
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        sync = contextlib.nullcontext() if (boundary or not self.ddp) else self.engine.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if (boundary or not self.ddp)
+            else cast(DistributedDataParallel, self.engine).no_sync()
+        )
         with sync:
             with self._autocast():
                 loss = self.engine(**batch).loss
@@ -114,7 +119,7 @@ class LocalBackend:
         return self.model
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save_checkpoint(self, path: Path) -> None:
         # DDP replicas are identical: rank 0 writes the state, every rank its RNG state

@@ -23,6 +23,7 @@ non-candidate parameters (embeddings, head: always fully trained) keep ordinary 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,7 +85,9 @@ class ChildMask:
                 f"the child network of {view.name} covers [{piece[0]}, {piece[0] + piece[1]}) on "
                 f"this rank, the gradient [{view.start}, {view.end}); rebuild it from the mask file"
             )
+        assert view.grad is not None  # grad_views() always carries the gradient
         idx = self.index(view.name, view.grad.device)
+        assert idx is not None  # a piece was found above
         child = view.grad.index_select(0, idx)
         view.grad.zero_()
         view.grad.index_put_((idx,), child)
@@ -105,8 +108,9 @@ class ChildAdamW(torch.optim.Optimizer):
     Parameters may be DTensors (FSDP2): only their local shard is read or written.
     State (per parameter, local): ``step``; fp32 ``exp_avg``, ``exp_avg_sq`` of length
     ``len(index)`` (candidates) or the local numel (others); fp32 ``master`` when the parameter is
-    bf16/fp16. ``state_dict()`` holds this rank's packed buffers: sharded backends save them
-    with ``ctscale.storage.child_optim_state`` (global offsets, loadable at any world size).
+    bf16/fp16. ``state_dict()`` holds this rank's packed buffers; sharded backends call
+    ``save_sharded_state``/``load_sharded_state`` (``ShardedStateOptimizer``) instead, which
+    write them with ``ctscale.storage.child_optim_state`` (global offsets, loadable at any world size).
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class ChildAdamW(torch.optim.Optimizer):
         """One AdamW step of this rank's piece of ``p``; ``idx``: child positions or None (all)."""
         lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
         w = local_shard(p).view(-1)  # a view: writes land in the parameter (shard)
+        assert p.grad is not None  # step() updates only parameters with a gradient
         grad = local_shard(p.grad).view(-1)
         state = self.state[p]
         if not state:
@@ -188,6 +193,18 @@ class ChildAdamW(torch.optim.Optimizer):
             w.index_put_((idx,), new.to(w.dtype))
         elif master is not None:
             w.copy_(master)
+
+    def save_sharded_state(self, path: Path) -> None:
+        """Collective: this rank's packed buffers with their global offsets, into ``path``."""
+        from ctscale.storage.child_optim_state import save_child_state  # it imports this module
+
+        save_child_state(self, path)
+
+    def load_sharded_state(self, path: Path) -> None:
+        """Collective: this rank's piece of what ``save_sharded_state`` wrote, at any world size."""
+        from ctscale.storage.child_optim_state import load_child_state  # it imports this module
+
+        load_child_state(self, path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but packed fp32 buffers are not cast to the parameter dtype, and their

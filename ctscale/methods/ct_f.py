@@ -39,6 +39,7 @@ class RandomChildMask:
     def apply(self, view: GradView, step: int) -> None:
         if view.numel == 0:
             return
+        assert view.grad is not None  # grad_views() always carries the gradient
         compiled = self.kernel == "compiled" or (self.kernel == "auto" and _triton_gpu(view.grad.device))
         keep_and_rescale_(view.grad, self.seed, step, view.name, view.start, self.reserve_p, compiled)
 

@@ -33,6 +33,7 @@ class FixedChildMask:
                 f"no CT-D mask for {view.name}[{view.start}:{view.end}] on this rank; the mask was "
                 "built for another sharding. Rebuild the strategy from the mask file."
             )
+        assert view.grad is not None  # grad_views() always carries the gradient
         if keep.device != view.grad.device:  # moved once, on first use
             keep = self.local_masks[view.key()] = keep.to(view.grad.device)
         # x * True = x, x * False = 0 (-0.0 for x < 0: the same Adam update); ~3x faster on

@@ -10,22 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ctscale.errors import ConfigError
 
 if TYPE_CHECKING:  # no run-time import: config.py reads this registry
+    from ctscale.backends.base import ShardViews
     from ctscale.config import Config
-    from ctscale.methods.base import GradView, MaskStrategy
+    from ctscale.methods.base import MaskStrategy
     from ctscale.methods.ct_d.fisher import FisherAccumulator
-
-
-class ShardSource(Protocol):
-    """What a method needs from an engine: a backend, or the HF callback's engine adapter."""
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]: ...
-
-    def shard_ranges(self) -> list[GradView]: ...
 
 
 @dataclass
@@ -41,7 +34,7 @@ class MethodContext:
     """
 
     cfg: Config
-    shards: ShardSource
+    shards: ShardViews
     fisher_pass: Callable[[FisherAccumulator], None] | None = None
     resumed_mask: str | None = None
     mask_out: str | None = None
@@ -118,7 +111,7 @@ def get_method(name: str) -> MethodSpec:
 
 def build_strategy(
     cfg: Config,
-    shards: ShardSource,
+    shards: ShardViews,
     fisher_pass: Callable[[FisherAccumulator], None] | None,
     resumed_mask: str | None = None,
     seconds: dict[str, float] | None = None,

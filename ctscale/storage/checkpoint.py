@@ -120,6 +120,7 @@ class CheckpointManager:
                 if f.is_file() and f.name != MANIFEST
             }
         files = dist.broadcast_object(files)
+        assert files is not None  # rank 0's, on every rank
         hashes: dict[str, str] = {}
         for part in dist.all_gather_objects({f: file_sha256(path / f) for f in _shares(files)}):
             hashes.update(part)
@@ -140,13 +141,14 @@ class CheckpointManager:
         problem, files = None, None
         if dist.is_main():
             problem, files = _read_manifest(path)
-            if problem is None:
+            if files is not None:  # no problem reading the manifest
                 problem = next(
                     filter(None, (_size_problem(path, f, e["size"]) for f, e in files.items())), None
                 )
         problem, files = dist.broadcast_object((problem, files))
         if problem is not None:
             return problem
+        assert files is not None  # rank 0 read the manifest
         sizes = {f: e["size"] for f, e in files.items()}
         mine = [f for f in _shares(sizes) if file_sha256(path / f) != files[f]["sha256"]]
         bad = sorted(f for part in dist.all_gather_objects(mine) for f in part)
@@ -166,6 +168,7 @@ class CheckpointManager:
                 names.add(pointer.read_text().strip())
             candidates = sorted(names, reverse=True)
         candidates = dist.broadcast_object(candidates)
+        assert candidates is not None  # rank 0's, on every rank
         skipped: dict[str, str] = {}
         for name in candidates:
             problem = self.verify(self.root / name)

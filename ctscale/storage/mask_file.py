@@ -166,7 +166,7 @@ def _write_tmp(target: Path, pieces: list[MaskPiece], metadata: dict) -> dict[st
     tensors: dict[str, torch.Tensor] = {}
     descs = []
     for p in pieces:
-        if p.start == p.end and math.prod(p.shape):
+        if p.start == p.end and math.prod(p.shape) > 0:
             continue  # an empty range of a non-empty parameter carries nothing
         d = _describe(p)
         if d["key"] in tensors:
@@ -269,6 +269,7 @@ def save_mask(path: str | Path, pieces: Iterable[MaskPiece], metadata: dict) -> 
     if r == 0:
         (path / INDEX_NAME).unlink(missing_ok=True)  # until the new index lands, nothing loads
     dist.barrier()
+    assert desc is not None  # every rank writes its shard of a directory
     atomic.commit(desc["tmp"], path / desc["file"])
     dist.barrier()
     if r == 0:

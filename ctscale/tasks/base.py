@@ -20,7 +20,8 @@ class TaskData(Protocol):
     a normaliser that is the same at any world size (e.g. the global number of target tokens).
     """
 
-    eval_splits: tuple[str, ...]
+    @property
+    def eval_splits(self) -> tuple[str, ...]: ...
 
     @property
     def train_size(self) -> int: ...

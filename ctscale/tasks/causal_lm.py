@@ -174,6 +174,7 @@ class JsonlData:
                 log.warning("%s: %d examples dropped, truncated before any target token", path, data.dropped)
             return data
 
+        assert d.train_file is not None  # config validation: task jsonl needs data.train_file
         train = load(d.train_file, "data.train_file", d.max_train_samples)
         evals = {"validation": load(d.eval_file, "data.eval_file", d.max_eval_samples)} if d.eval_file else {}
         return cls(train, evals, tokenizer.pad_token_id)

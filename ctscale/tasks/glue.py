@@ -315,6 +315,7 @@ def load_glue_tsv(task: GlueTask, path: Path) -> Examples:
             raise DataError(f"{msg}; more than {MAX_BAD_ROW_FRACTION:.0%} are malformed, check the file")
         log.warning("%s; skipping them", msg)
 
+    assert a_col is not None and y_col is not None  # only text_b is optional (layout.columns)
     text_a = [row[a_col].strip() for _, row in good]
     text_b = None if b_col is None else [row[b_col].strip() for _, row in good]
     labels = [_parse_label(task, row[y_col], f"{path} line {line}") for line, row in good]

@@ -50,6 +50,7 @@ def build(ctx: MethodContext) -> FixedChildMask:
 def describe(cfg: Config, path: str | None, seconds: dict[str, float]) -> ChildSummary:
     """``ct-d, 5,126 of 17,088 candidate entries (30.0%, p=0.3) in 32 tensors; fisher pass: 2
     batches in 1.5 s`` (or ``; from <mask file>`` when none ran). Reads the mask's headers."""
+    assert path is not None  # CT-D always has a mask path (MethodSpec.mask_path)
     info = mask_file.read_info(path)
     selected, total, p = info.total_selected, info.total_entries, info.metadata.get("reserve_p")
     line = f"ct-d, {selected:,} of {total:,} candidate entries ({selected / max(total, 1):.1%}, p={p})"

@@ -141,7 +141,9 @@ class FisherAccumulator:
                 if r == dist.rank():
                     self.owned = {k for k in ranges if k not in seen}
                 seen.update(ranges)
-        return [v for v in views if (v.name, v.start, v.end) in self.owned]
+        owned = self.owned
+        assert owned is not None  # this rank's entry of the gather above
+        return [v for v in views if (v.name, v.start, v.end) in owned]
 
     def add(self, views: Iterable[GradView], examples: int = 0) -> None:
         """Accumulate one global batch's reduced gradients (local shards); ``examples``: the
@@ -151,6 +153,7 @@ class FisherAccumulator:
         views = self._own([v for v in views if v.name in self.shapes])
         scales = self._clip_scales(views)
         for view in views:
+            assert view.grad is not None  # grad_views() always carries the gradient
             grad = view.grad.detach()
             if not torch.isfinite(grad).all():
                 raise CtscaleError(
@@ -177,6 +180,7 @@ class FisherAccumulator:
         index = {n: i for i, n in enumerate(names)}
         sq = torch.zeros(len(names), dtype=torch.float64)
         for view in views:
+            assert view.grad is not None  # grad_views() always carries the gradient
             sq[index[view.name]] += view.grad.detach().double().square().sum().cpu()
         norms = dist.all_reduce_sum_(sq).sqrt()
         return {n: min(1.0, self.max_grad_norm / (float(norms[i]) + 1e-6)) for n, i in index.items()}

@@ -17,8 +17,8 @@ from ctscale.storage import mask_file
 from ctscale.storage.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
+    from ctscale.backends.base import ShardViews
     from ctscale.config import Config
-    from ctscale.methods.registry import ShardSource
 
 FisherPass = Callable[[FisherAccumulator], None]
 
@@ -39,7 +39,7 @@ def timed(seconds: dict[str, float] | None, phase: str):
 
 def estimate_and_save_mask(
     cfg: Config,
-    backend: ShardSource,
+    backend: ShardViews,
     fisher_pass: FisherPass,
     path: Path,
     seconds: dict[str, float] | None = None,
@@ -123,7 +123,7 @@ def check_mask_on_record(cfg: Config) -> None:
             )
 
 
-def load_fixed_mask(path: str | Path, backend: ShardSource) -> FixedChildMask:
+def load_fixed_mask(path: str | Path, backend: ShardViews) -> FixedChildMask:
     """CT-D strategy from a mask file, resharded to the ranges this rank holds now."""
     info = mask_file.read_info(path)
     if info.metadata.get("method") != "ct-d":
