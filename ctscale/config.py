@@ -97,6 +97,8 @@ class TrainConfig:
     allow_mask_mismatch: bool = False  # train with a method.mask_file made with another p/scope/task
     profile_from: int | None = None  # first optimizer step under torch.profiler; None: off
     profile_steps: int = 2  # steps profiled from profile_from; files in output_dir/profile/
+    # ct-d/ct-f under DDP: all-reduce only the entries the mask keeps (docs/sparse_comm.md)
+    sparse_grad_comm: bool = False
 
 
 @dataclass
@@ -520,6 +522,12 @@ def validate(cfg: Config, *, source: str = "<dict>") -> None:
             f"method.child_only_optimizer needs a fixed child network (method.name 'ct-d'), got "
             f"method.name {cfg.method.name!r}{where}; set method.name=ct-d or "
             "method.child_only_optimizer=false"
+        )
+    if t.sparse_grad_comm and cfg.method.name == "vanilla":
+        raise ConfigError(
+            f"train.sparse_grad_comm sends only the child network's gradients, and method.name "
+            f"'vanilla' has none{where}; set method.name to ct-d or ct-f, or "
+            "train.sparse_grad_comm=false"
         )
     if cfg.method.child_only_optimizer and dist.backend == "deepspeed":
         raise ConfigError(
