@@ -98,6 +98,8 @@ class TrainConfig:
     allow_mask_mismatch: bool = False  # train with a method.mask_file made with another p/scope/task
     profile_from: int | None = None  # first optimizer step under torch.profiler; None: off
     profile_steps: int = 2  # steps profiled from profile_from; files in output_dir/profile/
+    # ct-d/ct-f under DDP: all-reduce only the entries the mask keeps (docs/sparse_comm.md)
+    sparse_grad_comm: bool = False
 
 
 @dataclass

@@ -306,6 +306,8 @@ class Trainer:
         rank's mean loss (its share of the global batch; ``fit`` averages it over ranks to log)."""
         cfg = self.cfg
         micro = list(self.micro_batches(step, cfg.train.batch_size, cfg.train.grad_accum))
+        if cfg.train.sparse_grad_comm:  # the boundary backward all-reduces this step's survivors only
+            self.backend.communicate_survivors(strategy, step)
         with phase("forward_backward"):
             losses = [
                 self.backend.forward_backward(mb, boundary=m == len(micro) - 1) for m, mb in enumerate(micro)

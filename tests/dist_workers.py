@@ -195,3 +195,39 @@ def fisher_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]
         save_child_network(path, fisher, cfg.method.reserve_p, shapes, {"seed": cfg.train.seed})
         results.append({"mask": str(path), "scores": scores})
     return results
+
+
+def sparse_comm_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[dict]:
+    """``train_worker`` per override list, plus what the sparse communication hook counted over
+    the training steps (None without the hook). Checks the hook saw the optimizer step."""
+    from dataclasses import asdict
+
+    from ctscale.config import load_config
+    from ctscale.methods.registry import build_strategy
+    from ctscale.trainer import Trainer
+
+    results = []
+    for overrides in runs:
+        cfg = load_config(None, overrides)
+        trainer = Trainer(cfg)
+        trainer.prepare()
+        strategy = build_strategy(cfg, trainer.backend, trainer.fisher_pass)
+        trainer.backend.train_mode(True)
+        comm = trainer.backend.comm
+        if comm is not None:
+            comm.counts.reset()  # the Fisher pass's dense all-reduces are not training traffic
+        counts, steps_seen = [], []
+        for step in range(trainer.total_steps):
+            _, calls = count_collectives(lambda s=step, t=trainer, m=strategy: t.train_step(s, m))
+            counts.append(calls)
+            steps_seen.append(None if comm is None else comm.step)
+        state = trainer.backend.consolidated_state_dict()
+        results.append(
+            {
+                "state": {k: v.float().clone() for k, v in state.items()} if state is not None else None,
+                "collectives_per_step": counts,
+                "comm": None if comm is None else asdict(comm.counts),
+                "steps_seen": steps_seen,
+            }
+        )
+    return results

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ctscale.errors import ConfigError
+
 if TYPE_CHECKING:  # nothing at run time: ctscale.config imports this package
     from ctscale.backends.base import Backend
     from ctscale.config import Config
@@ -25,6 +27,13 @@ def check_section(cfg: Config, where: str = "") -> None:
 def check_config(cfg: Config) -> None:
     """The engine's own checks of ``cfg`` that need no engine: a bad DeepSpeed JSON fails here,
     in about a second, before any process group, ``import deepspeed`` or model load."""
+    if cfg.train.sparse_grad_comm and cfg.distributed.backend != "ddp":
+        raise ConfigError(
+            f"train.sparse_grad_comm is only supported with distributed.backend 'ddp' (a DDP "
+            f"communication hook), got {cfg.distributed.backend!r}; use distributed.backend=ddp "
+            "or set train.sparse_grad_comm=false (docs/sparse_comm.md says why FSDP2 and ZeRO "
+            "cannot take it)"
+        )
     if cfg.distributed.backend == "deepspeed":
         from ctscale import dist
         from ctscale.backends.ds_config import build_ds_config
@@ -40,7 +49,9 @@ def build_backend(cfg: Config) -> Backend:
     if name in ("local", "ddp"):
         from ctscale.backends.local import LocalBackend
 
-        return LocalBackend(t.grad_accum, t.max_grad_norm, t.bf16, ddp=name == "ddp")
+        return LocalBackend(
+            t.grad_accum, t.max_grad_norm, t.bf16, ddp=name == "ddp", sparse_grad_comm=t.sparse_grad_comm
+        )
     if name == "fsdp":
         from ctscale.backends.fsdp import FSDPBackend
 

@@ -85,6 +85,13 @@ class Backend(Protocol):
         """
         ...
 
+    def communicate_survivors(self, strategy: object, step: int) -> None:
+        """``train.sparse_grad_comm``: from the next boundary backward on, reduce only the
+        gradient entries ``strategy`` keeps at optimizer step ``step`` (it has ``survivors``).
+        Only DDP can (a communication hook); the others raise ``ConfigError``, and
+        ``check_config`` refuses such a run before any engine starts."""
+        ...
+
     def forward_backward(self, batch: dict[str, torch.Tensor], boundary: bool) -> float:
         """One micro-batch: forward, loss scaled for accumulation, backward.
 

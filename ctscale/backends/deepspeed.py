@@ -156,6 +156,12 @@ class DeepSpeedBackend:
         else:  # ZeRO-1/2: the "full" setter copies just this rank's fragment
             safe_set_full_fp32_param(p, full.to(self.device))
 
+    def communicate_survivors(self, strategy: object, step: int) -> None:
+        raise ConfigError(
+            "train.sparse_grad_comm is only supported with distributed.backend 'ddp'; DeepSpeed "
+            "reduces through its own collectives (docs/sparse_comm.md)"
+        )
+
     def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
         """Refused: ZeRO's optimizer owns the fp32 master partitions and steps them as flat groups
         (``check_section`` refuses ``method.child_only_optimizer`` before a run starts)."""

@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ctscale import dist
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory, ShardedStateOptimizer
+from ctscale.errors import ConfigError
 from ctscale.methods.base import GradView
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,12 @@ class FSDPBackend:
         self._ranges = {n: self._local_range(n, p) for n, p in model.named_parameters() if p.requires_grad}
         self._make_scheduler = make_scheduler
         self.replace_optimizer(make_optimizer)
+
+    def communicate_survivors(self, strategy: object, step: int) -> None:
+        raise ConfigError(
+            "train.sparse_grad_comm is only supported with distributed.backend 'ddp'; FSDP2 "
+            "reduces through its own collectives (docs/sparse_comm.md)"
+        )
 
     def replace_optimizer(self, make_optimizer: OptimizerFactory) -> None:
         """A new optimizer (and schedule) over the same sharded parameters; before the first step

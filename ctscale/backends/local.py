@@ -1,7 +1,9 @@
 """One process (world size 1) and PyTorch DDP: every rank holds whole gradients.
 
 Under DDP the gradient is all-reduced during backward; each rank then masks its own full
-copy identically (masks are pure functions), so masking adds no communication.
+copy identically (masks are pure functions), so masking adds no communication. With
+``sparse_grad_comm`` a communication hook (``ctscale.backends.sparse_comm``) all-reduces only
+the entries the mask keeps.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 
 from ctscale import dist
+from ctscale.backends import sparse_comm
 from ctscale.backends.base import OptimizerFactory, SchedulerFactory
+from ctscale.backends.sparse_comm import SparseCommState
 from ctscale.methods.base import GradView
 from ctscale.models import parameter_shapes
 
@@ -24,7 +28,14 @@ from ctscale.models import parameter_shapes
 class LocalBackend:
     """World size 1 (``ddp=False``) or DistributedDataParallel over torch.distributed."""
 
-    def __init__(self, grad_accum: int, max_grad_norm: float, bf16: bool = False, ddp: bool = False):
+    def __init__(
+        self,
+        grad_accum: int,
+        max_grad_norm: float,
+        bf16: bool = False,
+        ddp: bool = False,
+        sparse_grad_comm: bool = False,
+    ):
         if ddp:
             dist.init_from_env()
         self.rank, self.world_size = dist.rank(), dist.world_size()
@@ -34,6 +45,8 @@ class LocalBackend:
         self.bf16 = bf16
         self.ddp = ddp and self.world_size > 1
         self._grad_norm: torch.Tensor | None = None
+        self.sparse_grad_comm = sparse_grad_comm
+        self.comm: SparseCommState | None = None  # the hook's state, under DDP with sparse_grad_comm
 
     def model_init_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the model is built whole, then wrapped/sharded
@@ -42,7 +55,11 @@ class LocalBackend:
         self, model: torch.nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ):
         self.model = model.to(self.device)
-        self.engine: torch.nn.Module = DistributedDataParallel(self.model) if self.ddp else self.model
+        self.engine: torch.nn.Module = self.model
+        if self.ddp:
+            self.engine = ddp = DistributedDataParallel(self.model)
+            if self.sparse_grad_comm:  # DDP takes a hook before its first backward only
+                self.comm = sparse_comm.install(ddp, self.model)
         self._make_scheduler = make_scheduler
         self.replace_optimizer(make_optimizer)
 
@@ -69,6 +86,12 @@ class LocalBackend:
                 loss = self.engine(**batch).loss
             (loss / self.grad_accum).backward()
         return float(loss.detach())
+
+    def communicate_survivors(self, strategy: object, step: int) -> None:
+        """From the next boundary backward on, all-reduce only what ``strategy`` keeps at
+        optimizer step ``step`` (``train.sparse_grad_comm``; no communication at world size 1)."""
+        if self.comm is not None:
+            self.comm.use(strategy, step)
 
     def grad_views(self) -> Iterator[GradView]:
         for name, p in self.model.named_parameters():

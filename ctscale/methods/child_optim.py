@@ -92,6 +92,25 @@ class ChildMask:
         view.grad.zero_()
         view.grad.index_put_((idx,), child)
 
+    survivors_fixed = True  # the same child network at every step
+
+    def survivors(self, view: GradView, step: int) -> torch.Tensor | None:
+        """Bool over ``view``'s local entries: True for child entries; None for a non-candidate
+        (every entry kept). Read by the sparse DDP communication hook."""
+        piece = self.pieces.get(view.name)
+        if piece is None:
+            return None
+        if (piece[0], piece[1]) != (view.start, view.numel):
+            raise MaskError(
+                f"the child network of {view.name} covers [{piece[0]}, {piece[0] + piece[1]}) on "
+                f"this rank, the gradient [{view.start}, {view.end}); rebuild it from the mask file"
+            )
+        idx = self.index(view.name)
+        assert idx is not None  # a piece was found above
+        keep = torch.zeros(view.numel, dtype=torch.bool, device=idx.device)
+        keep[idx.long()] = True
+        return keep
+
     def state_bytes(self) -> int:
         return sum(idx.numel() * idx.element_size() for _, _, idx in self.pieces.values())
 

@@ -43,6 +43,18 @@ class RandomChildMask:
         compiled = self.kernel == "compiled" or (self.kernel == "auto" and _triton_gpu(view.grad.device))
         keep_and_rescale_(view.grad, self.seed, step, view.name, view.start, self.reserve_p, compiled)
 
+    survivors_fixed = False  # a fresh child network every step
+
+    def survivors(self, view: GradView, step: int) -> torch.Tensor:
+        """Bool over ``view``'s local entries: True where ``apply`` keeps the gradient at ``step``.
+
+        Drawn by ``apply``'s own kernel (on ones), so the two can never disagree. Read by the
+        sparse DDP communication hook, which runs before ``apply``."""
+        ones = torch.ones(view.numel, dtype=torch.float32)
+        if view.numel:
+            keep_and_rescale_(ones, self.seed, step, view.name, view.start, self.reserve_p)
+        return ones != 0
+
     def state_bytes(self) -> int:
         return 0
 

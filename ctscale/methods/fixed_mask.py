@@ -40,5 +40,20 @@ class FixedChildMask:
         # CPU than masked_fill_(~keep, 0), which also allocates the inverted mask every step
         view.grad.mul_(keep)
 
+    survivors_fixed = True  # the same child network at every step
+
+    def survivors(self, view: GradView, step: int) -> torch.Tensor | None:
+        """Bool over ``view``'s local entries: True where ``apply`` keeps the gradient; None for a
+        non-candidate (every entry kept). Read by the sparse DDP communication hook."""
+        if not self.is_candidate(view.name):
+            return None
+        keep = self.local_masks.get(view.key())
+        if keep is None:
+            raise MaskError(
+                f"no CT-D mask for {view.name}[{view.start}:{view.end}] on this rank; the mask was "
+                "built for another sharding. Rebuild the strategy from the mask file."
+            )
+        return keep.reshape(-1)
+
     def state_bytes(self) -> int:
         return sum(m.numel() * m.element_size() for m in self.local_masks.values())
