@@ -121,27 +121,30 @@ def rank_from_env() -> int:
 
 
 def _restart_store():
-    """After a torchrun restart, a store namespace of this attempt's own.
+    """After a torchrun restart, a store namespace of this attempt's own, where one is needed.
 
-    Seen here: a restarted gloo group could read the killed attempt's peer addresses from the
-    agent's store and fail with "connectFullMesh ... Connection refused". Prefixing the keys with
-    the restart count (as torch does for its own agent keys) keeps attempts apart. None on a first
-    attempt and outside torchelastic: the default env:// rendezvous is used.
+    Under torchrun's shared agent store (its default) the store outlives an attempt, and a
+    restarted gloo group could read the killed attempt's peer addresses from it and fail with
+    "connectFullMesh ... Connection refused": keys are prefixed with the restart count, which
+    every agent shares when they all restart. launch/torchrun.sh turns the sharing off
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): each rendezvous round then gets a fresh store on a
+    fresh port, hosted by rank 0, with nothing stale in it, and a brand-new agent (a lost host's
+    replacement, restart count 0) meets restarted ones (count 1) there. None in that case, on a
+    first attempt and outside torchelastic: the default env:// rendezvous is used.
     """
     import os
     from datetime import timedelta
 
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart in (None, "0"):
-        return None
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    if restart in (None, "0") or not agent_store:
+        return None
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         env_world_size(),
-        is_master=not agent_store and rank_from_env() == 0,
+        is_master=False,
         timeout=timedelta(minutes=10),
-        multi_tenant=not agent_store,
     )
     return dist.PrefixStore(f"ctscale/attempt_{restart}", store)
 

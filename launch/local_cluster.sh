@@ -40,9 +40,20 @@ need() {
 
 # Run a command on a node: its network namespace (with /etc/netns/NS/* over /etc, as
 # `ip netns exec` does) and a UTS namespace of its own, so `hostname` is the node's name.
+# `ip netns exec` mounts a fresh /sys, without the cgroup hierarchies that slurmd and a
+# container runtime (podman's runc) need: they are mounted again, as on the host, inside the
+# command's own mount namespace only (nothing changes outside the node).
 on_node() {
   local node=$1; shift
-  ip netns exec "$(ns "$node")" unshare --uts -- sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
+  local setup; setup="$(cgroup_mounts)"$'\n''hostname "$0" && exec "$@"'
+  ip netns exec "$(ns "$node")" unshare --uts -- sh -c "$setup" "$node" "$@"
+}
+
+# The host's cgroup mounts (/sys/fs/cgroup and below, in mount order) as shell commands.
+cgroup_mounts() {
+  awk '$2 ~ "^/sys/fs/cgroup" {
+    printf "mkdir -p %s && mount -t %s -o %s %s %s || exit 125\n", $2, $3, $4, $1, $2
+  }' /proc/self/mounts
 }
 
 up() {
@@ -113,9 +124,7 @@ EOF
 
 # A Slurm cluster on the nodes: munged (one, on node0; its socket is a file every node sees),
 # slurmctld on node0, slurmd on every node. Each node's /etc/slurm is this cluster's config
-# (`ip netns exec` mounts /etc/netns/NS/slurm over it). slurmd wants cgroups, which the fresh
-# /sys of a network namespace lacks: they are mounted again inside the node's own mount
-# namespace only (the same hierarchies; nothing changes outside the node).
+# (`ip netns exec` mounts /etc/netns/NS/slurm over it); slurmd gets its cgroups from on_node.
 slurm() {
   local n=$1 cpus; cpus=$(nproc)
   for tool in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged; do
@@ -160,13 +169,8 @@ slurm() {
     cp "$conf/slurm.conf" "/etc/netns/$(ns "$node")/slurm/slurm.conf"
   done
   on_node node0 /usr/sbin/slurmctld || die "slurmctld did not start; see $conf/slurmctld.log"
-  local cgroups='mount -t tmpfs cgroup_root /sys/fs/cgroup
-    for s in cpu cpuacct cpuset memory devices freezer blkio pids none,name=systemd; do
-      mkdir -p /sys/fs/cgroup/${s#none,name=} && mount -t cgroup -o $s cgroup /sys/fs/cgroup/${s#none,name=}
-    done
-    exec /usr/sbin/slurmd'
   for node in $(nodes); do
-    on_node "$node" sh -c "$cgroups" || die "slurmd on $node did not start; see $conf/slurmd-$node.log"
+    on_node "$node" /usr/sbin/slurmd || die "slurmd on $node did not start; see $conf/slurmd-$node.log"
   done
   # every node idle before `up` returns (bounded: 30 s)
   for _ in $(seq 60); do

