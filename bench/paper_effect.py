@@ -5,7 +5,7 @@ in its own subprocess, with identical hyper-parameters except ``method.name``. O
 finished run is appended to ``--out``; a run whose key (tag, task, method, seed and every
 hyper-parameter) is already there is skipped, so an interrupted study continues where it stopped.
 
-The exact commands of the study in the README (2-core CPU machine, run under ``nice``); the
+The exact commands of the first study (docs/paper_effect.md; 2-core CPU machine, run under ``nice``); the
 defaults of this script are the main study's settings::
 
     # 1. grid, once, on SST-2 seed 0 (run side by side): lr for vanilla, p for CT-D at lr 1e-4
@@ -23,6 +23,14 @@ defaults of this script are the main study's settings::
     # 4. tables + box plots
     python bench/plot_paper_effect.py --png docs/paper_effect.png
     python bench/plot_paper_effect.py --tag probe-epochs --png docs/paper_effect_probe_epochs.png
+
+The per-method study (issue #20, docs/paper_effect.md: every command there): an lr x p grid per
+method with a held-out selection set (``--heldout-samples 500``: 500 other training rows, disjoint
+from the subset, fixed), then each method's held-out choice with more seeds and at 1,000 examples::
+
+    python bench/paper_effect.py --tag lr-grid --tasks sst2 --seeds 0,1,2 --methods vanilla,ct-f,ct-d \\
+        --lr 1e-4,2e-4,4e-4,8e-4 --p 0.1,0.3 --epochs 3 --train-samples sst2=256 --heldout-samples 500
+    python bench/plot_paper_effect.py --selection lr-grid --lr-png docs/paper_effect_lr.png
 
 Data. ``--train-samples`` examples of each task's training set are drawn ONCE with ``--data-seed``
 (default 0) and written as a GLUE-layout directory (raw TSV lines, header kept; dev.tsv is the full
@@ -90,11 +98,14 @@ def train_indices(n_rows: int, n: int, data_seed: int) -> list[int]:
 def heldout_indices(n_rows: int, n: int, data_seed: int, n_heldout: int) -> list[int]:
     """The held-out selection rows: ``n_heldout`` training rows outside the ``n``-row subset, drawn
     with their own seed (so adding them leaves the training subset of earlier studies unchanged)."""
+    from ctscale.errors import ConfigError  # here, not at the top: as in write_glue_dir
+
     taken = set(train_indices(n_rows, n, data_seed))
     rest = [i for i in range(n_rows) if i not in taken]
     if n_heldout > len(rest):
-        raise SystemExit(
-            f"--heldout-samples {n_heldout}: only {len(rest)} training rows are outside the subset"
+        raise ConfigError(
+            f"--heldout-samples {n_heldout}: only {len(rest)} training rows are outside the "
+            f"{n}-row subset; ask for at most {len(rest)}"
         )
     return sorted(random.Random(f"heldout:{data_seed}").sample(rest, n_heldout))
 
