@@ -189,6 +189,7 @@ def boxplot(rows: list[dict], tag: str, png: Path) -> None:
 # -- the per-method selection study (issue #20): lr-grid, best-vs-best, robustness, size ---------
 FAMILY_LABEL = {"vanilla": "vanilla", "ct-f": "CT-F", "ct-d": "CT-D"}
 COLLAPSE_SHARE = 0.95  # a run "collapses" when >= 95 % of its dev predictions are one class
+FAILED_ACC = 0.60  # a run "fails to learn" below 60 % dev accuracy (majority class: 50.9 %)
 
 
 def config(r: dict) -> tuple:
@@ -196,13 +197,21 @@ def config(r: dict) -> tuple:
     return (r["method"], r["p"], r["lr"])
 
 
+def lr_label(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")  # 0.0001 -> 1e-4
+
+
 def config_name(c: tuple) -> str:
     method, p, lr = c
-    return f"{FAMILY_LABEL[method]}{'' if p is None else f' p {p:g}'}, lr {lr:g}"
+    return f"{FAMILY_LABEL[method]}{'' if p is None else f' p {p:g}'}, lr {lr_label(lr)}"
 
 
 def collapsed(r: dict) -> bool:
     return max(r["dev"]["pred_share"]) >= COLLAPSE_SHARE
+
+
+def failed(r: dict) -> bool:
+    return r["dev"]["accuracy"] < FAILED_ACC
 
 
 def cells(rows: list[dict], tags: set[str], n: int) -> dict[tuple, dict[int, dict]]:
@@ -240,7 +249,7 @@ def grid_table(grid: dict[tuple, dict[int, dict]], seeds: list[int], chosen: dic
     rows_mp = sorted({(c[0], c[1]) for c in grid}, key=lambda mp: (METHODS.index(mp[0]), mp[1] or 0))
     out = [
         f"held-out acc (selection) / dev acc mean ± std / collapsed runs, seeds {seeds} (n = {len(seeds)})\n",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "| method | " + " | ".join(f"lr {lr_label(lr)}" for lr in lrs) + " |",
         "|---|" + "---|" * len(lrs),
     ]
     for method, p in rows_mp:
@@ -293,11 +302,11 @@ def paired(runs: dict[tuple, dict[int, dict]], chosen: dict[str, tuple], metric:
 
 
 def collapse_table(grid: dict[tuple, dict[int, dict]], seeds: list[int]) -> str:
-    """Runs collapsing to one class per method family (all p together, then each p): over the
-    whole lr grid, and per lr."""
+    """Runs collapsing to one class, and runs failing to learn, per method family (all p
+    together, then each p): over the whole lr grid, and per lr ("collapsed / failed of runs")."""
     lrs = sorted({c[2] for c in grid})
     out = [
-        "| method | collapsed runs, all lr | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "| method | all lr | " + " | ".join(f"lr {lr_label(lr)}" for lr in lrs) + " |",
         "|---|---|" + "---|" * len(lrs),
     ]
     for family in METHODS:
@@ -311,7 +320,7 @@ def collapse_table(grid: dict[tuple, dict[int, dict]], seeds: list[int]) -> str:
             cols = []
             for lr in [None, *lrs]:
                 rs = [grid[c][s] for c in configs if lr is None or c[2] == lr for s in seeds]
-                cols.append(f"{sum(collapsed(r) for r in rs)}/{len(rs)}" if rs else "-")
+                cols.append(f"{sum(map(collapsed, rs))} / {sum(map(failed, rs))} of {len(rs)}" if rs else "-")
             out.append(f"| {name} | " + " | ".join(cols) + " |")
     return "\n".join(out)
 
@@ -328,7 +337,7 @@ def lr_plot(
 
     colors = {"vanilla": "#333333", "ct-f": "#1f77b4", "ct-d": "#d62728"}
     styles = {None: ("-", "o"), 0.3: ("-", "s"), 0.1: (":", "^")}
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig, ax = plt.subplots(figsize=(8.8, 4.6))
     lines = sorted({(c[0], c[1]) for c in grid}, key=lambda mp: (METHODS.index(mp[0]), -(mp[1] or 1)))
     for k, (method, p) in enumerate(lines):
         lrs = sorted(c[2] for c in grid if c[:2] == (method, p))
@@ -353,7 +362,7 @@ def lr_plot(
     ax.axhline(100 * MAJORITY[("sst2", "accuracy")], color="k", ls="--", lw=0.8, label="majority class")
     ax.set_xscale("log")
     all_lrs = sorted({c[2] for c in grid})
-    ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
+    ax.set_xticks(all_lrs, [lr_label(lr) for lr in all_lrs])
     ax.minorticks_off()
     ax.set_xlabel("learning rate")
     ax.set_ylabel("SST-2 dev accuracy (%)")
@@ -364,7 +373,7 @@ def lr_plot(
         fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left", frameon=False)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
@@ -390,7 +399,7 @@ def selection_report(
         )
     out.append("\nChosen on held-out: " + "; ".join(config_name(c) for c in chosen.values()))
     out += [
-        "\n## Collapse to one class (>= 95 % of dev predictions one class)\n",
+        "\n## Collapsed (>= 95 % of dev predictions one class) / failed to learn (dev acc < 60 %) runs\n",
         collapse_table(grid, seeds),
     ]
     best = cells(rows, {grid_tag, *extra_tags}, 256)
