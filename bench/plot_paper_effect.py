@@ -8,6 +8,14 @@ epochs, lr, p) the dev metrics per method as mean +- sample std over seeds (n = 
 difference to vanilla (same seed, same data), and the wall seconds per run. The box plot shows the
 ``--tag`` study (default ``main``): one panel per task (accuracy; MRPC also F1), one box per method,
 every seed as a dot.
+
+    python bench/plot_paper_effect.py --selection lr-grid --lr-png docs/paper_effect_lr.png
+
+``--selection GRID_TAG`` prints the per-method study instead (issue #20, docs/paper_effect.md): the
+lr x p grid with each method's choice by mean held-out accuracy over the seeds every configuration
+finished (dev is never used to choose), collapsed and failed runs, each method at its choice
+against vanilla at its own (paired, t-test; more seeds from ``--extra-tags``), the second training
+size (``--size-tag``), and the dev-accuracy-vs-lr plot.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import statistics
 import textwrap
 from collections import defaultdict
 from pathlib import Path
+
+from ctscale import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["vanilla", "ct-f", "ct-d"]
@@ -182,8 +192,8 @@ def boxplot(rows: list[dict], tag: str, png: Path) -> None:
     )
     fig.suptitle(textwrap.fill(title, 45 * len(panels)), fontsize=10)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    with atomic.replacing(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 # -- the per-method selection study (issue #20): lr-grid, best-vs-best, robustness, size ---------
@@ -375,8 +385,8 @@ def lr_plot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    with atomic.replacing(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def selection_report(
@@ -412,8 +422,11 @@ def selection_report(
         out.append(paired(sized, chosen))
         others = [c for c in sized if c not in chosen.values()]
         if others:
-            out.append("\nOther settings at this size:\n")
-            out.append(grid_table(sized, complete_seeds(sized), {}))
+            rechosen = select(sized, complete_seeds(sized))
+            out.append("\nEvery setting run at this size (bold: the held-out choice among them):\n")
+            out.append(grid_table(sized, complete_seeds(sized), rechosen))
+            out.append(f"\nEach method at its held-out choice among the settings run at n={n}:\n")
+            out.append(paired(sized, rechosen))
     if png is not None:
         lr_plot(grid, seeds, chosen, png)
         out.append(f"\nlr plot: {png}")
@@ -450,13 +463,13 @@ def main() -> None:
         )
         print(text)
         if args.md:
-            Path(args.md).write_text(text + "\n")
+            atomic.write_text(args.md, text + "\n")
         return
     rows, notes = balanced(load(Path(args.results)))
     text = tables(rows) + "".join(f"\n- {n}" for n in notes)
     print(text)
     if args.md:
-        Path(args.md).write_text(text + "\n")
+        atomic.write_text(args.md, text + "\n")
     if any(r["tag"] == args.tag for r in rows):
         boxplot(rows, args.tag, Path(args.png))
         print(f"box plot: {args.png}")
