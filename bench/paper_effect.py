@@ -5,7 +5,7 @@ in its own subprocess, with identical hyper-parameters except ``method.name``. O
 finished run is appended to ``--out``; a run whose key (tag, task, method, seed and every
 hyper-parameter) is already there is skipped, so an interrupted study continues where it stopped.
 
-The exact commands of the study in the README (2-core CPU machine, run under ``nice``); the
+The exact commands of the first study (docs/paper_effect.md; 2-core CPU machine, run under ``nice``); the
 defaults of this script are the main study's settings::
 
     # 1. grid, once, on SST-2 seed 0 (run side by side): lr for vanilla, p for CT-D at lr 1e-4
@@ -23,6 +23,14 @@ defaults of this script are the main study's settings::
     # 4. tables + box plots
     python bench/plot_paper_effect.py --png docs/paper_effect.png
     python bench/plot_paper_effect.py --tag probe-epochs --png docs/paper_effect_probe_epochs.png
+
+The per-method study (issue #20, docs/paper_effect.md: every command there): an lr x p grid per
+method with a held-out selection set (``--heldout-samples 500``: 500 other training rows, disjoint
+from the subset, fixed), then each method's held-out choice with more seeds and at 1,000 examples::
+
+    python bench/paper_effect.py --tag lr-grid --tasks sst2 --seeds 0,1,2 --methods vanilla,ct-f,ct-d \\
+        --lr 1e-4,2e-4,4e-4,8e-4 --p 0.1,0.3 --epochs 3 --train-samples sst2=256 --heldout-samples 500
+    python bench/plot_paper_effect.py --selection lr-grid --lr-png docs/paper_effect_lr.png
 
 Data. ``--train-samples`` examples of each task's training set are drawn ONCE with ``--data-seed``
 (default 0) and written as a GLUE-layout directory (raw TSV lines, header kept; dev.tsv is the full
@@ -72,29 +80,70 @@ def parse_samples(text: str) -> dict[str, int]:
     return out
 
 
+def read_rows(task: str) -> tuple[bytes, list[bytes]]:
+    """The header and the raw data lines of a task's full training file."""
+    raw = (GLUE / TASK_DIRS[task] / "train.tsv").read_bytes().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw = raw[:-1]
+    return raw[0], raw[1:]
+
+
+def train_indices(n_rows: int, n: int, data_seed: int) -> list[int]:
+    """The rows of the training subset: ``n`` of ``n_rows`` drawn with ``data_seed``, in file order."""
+    if n >= n_rows:
+        return list(range(n_rows))
+    return sorted(random.Random(data_seed).sample(range(n_rows), n))
+
+
+def heldout_indices(n_rows: int, n: int, data_seed: int, n_heldout: int) -> list[int]:
+    """The held-out selection rows: ``n_heldout`` training rows outside the ``n``-row subset, drawn
+    with their own seed (so adding them leaves the training subset of earlier studies unchanged)."""
+    from ctscale.errors import ConfigError  # here, not at the top: as in write_glue_dir
+
+    taken = set(train_indices(n_rows, n, data_seed))
+    rest = [i for i in range(n_rows) if i not in taken]
+    if n_heldout > len(rest):
+        raise ConfigError(
+            f"--heldout-samples {n_heldout}: only {len(rest)} training rows are outside the "
+            f"{n}-row subset; ask for at most {len(rest)}"
+        )
+    return sorted(random.Random(f"heldout:{data_seed}").sample(rest, n_heldout))
+
+
+def write_glue_dir(root: Path, task: str, header: bytes, rows: list[bytes]) -> Path:
+    """A GLUE root holding ``<TASK>/train.tsv`` (``rows``, header kept) and a link to the full dev split."""
+    from ctscale import atomic  # here, not at the top: a worker imports the code snapshot's ctscale
+
+    tdir = root / TASK_DIRS[task]
+    if (tdir / "train.tsv").is_file():
+        return root
+    tdir.mkdir(parents=True, exist_ok=True)
+    dev = tdir / "dev.tsv"
+    if not dev.exists():
+        dev.symlink_to(GLUE / TASK_DIRS[task] / "dev.tsv")
+    with atomic.replacing(tdir / "train.tsv") as tmp:
+        tmp.write_bytes(b"\n".join([header, *rows]) + b"\n")
+    return root
+
+
 def subset_dir(work: Path, task: str, n: int, data_seed: int) -> Path:
     """A GLUE root holding ``<TASK>/train.tsv`` with ``n`` raw lines of the real training file
     (drawn with ``data_seed``, file order kept, header kept) and a link to the full dev split."""
     root = work / "data" / f"{task}_n{n}_s{data_seed}"
-    tdir = root / TASK_DIRS[task]
-    if (tdir / "train.tsv").is_file():
+    if (root / TASK_DIRS[task] / "train.tsv").is_file():
         return root
-    src = GLUE / TASK_DIRS[task]
-    raw = (src / "train.tsv").read_bytes().split(b"\n")
-    if raw and raw[-1] == b"":
-        raw = raw[:-1]
-    header, rows = raw[0], raw[1:]
-    if n < len(rows):
-        keep = sorted(random.Random(data_seed).sample(range(len(rows)), n))
-        rows = [rows[i] for i in keep]
-    tdir.mkdir(parents=True, exist_ok=True)
-    tmp = tdir / "train.tsv.tmp"
-    tmp.write_bytes(b"\n".join([header, *rows]) + b"\n")
-    dev = tdir / "dev.tsv"
-    if not dev.exists():
-        dev.symlink_to(src / "dev.tsv")
-    tmp.rename(tdir / "train.tsv")
-    return root
+    header, rows = read_rows(task)
+    return write_glue_dir(root, task, header, [rows[i] for i in train_indices(len(rows), n, data_seed)])
+
+
+def heldout_dir(work: Path, task: str, n: int, data_seed: int, n_heldout: int) -> Path:
+    """Like ``subset_dir``, its ``train.tsv`` holding the held-out selection rows (``heldout_indices``)."""
+    root = work / "data" / f"{task}_n{n}_s{data_seed}_heldout{n_heldout}"
+    if (root / TASK_DIRS[task] / "train.tsv").is_file():
+        return root
+    header, rows = read_rows(task)
+    keep = heldout_indices(len(rows), n, data_seed, n_heldout)
+    return write_glue_dir(root, task, header, [rows[i] for i in keep])
 
 
 def snapshot_code(work: Path) -> tuple[Path, str]:
@@ -114,7 +163,7 @@ def snapshot_code(work: Path) -> tuple[Path, str]:
     return dest, sha
 
 
-NOT_KEYED = ("output_dir", "data_dir", "threads", "code", "code_sha")
+NOT_KEYED = ("output_dir", "data_dir", "heldout_dir", "threads", "code", "code_sha")
 
 
 def run_key(spec: dict) -> str:
@@ -149,13 +198,46 @@ def overrides(spec: dict) -> list[str]:
 
 
 # -- one run, in a subprocess -----------------------------------------------------------------
+def study_trainer(spec: dict):
+    """ctscale's ``Trainer``, evaluating also on the held-out selection rows (split ``heldout``)
+    when the spec has them, and recording every split's predicted-class shares (``pred_share``:
+    the fraction of examples predicted as each class, to count runs that collapse to one class)."""
+    import torch
+
+    from ctscale.tasks.glue import load_glue_split
+    from ctscale.trainer import Trainer
+
+    class StudyTrainer(Trainer):
+        def prepare(self, mask_out=None):
+            super().prepare(mask_out)
+            if spec.get("heldout_dir"):
+                self.data.evals["heldout"] = load_glue_split(spec["task"], "train", spec["heldout_dir"])
+            plain = self.data.evaluate
+
+            def evaluate(split, predict, rank, world, batch_size):
+                preds = []
+
+                def recording(batch):
+                    logits = predict(batch)
+                    preds.append(logits.argmax(-1).cpu())
+                    return logits
+
+                metrics = plain(split, recording, rank, world, batch_size)
+                counts = torch.bincount(torch.cat(preds), minlength=self.data.task.num_labels)
+                metrics["pred_share"] = [round(c / counts.sum().item(), 4) for c in counts.tolist()]
+                return metrics
+
+            self.data.evaluate = evaluate
+
+    return StudyTrainer
+
+
 def worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
     sys.path.insert(0, spec.get("code") or str(REPO))  # the snapshot, not whatever is installed
     from ctscale.config import load_config
-    from ctscale.trainer import Trainer
 
     out = Path(spec["output_dir"])
     if out.exists():  # a half-finished earlier attempt: start clean
@@ -163,7 +245,7 @@ def worker(spec: dict) -> None:
             f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
     cfg = load_config(None, overrides(spec))
     t0 = time.perf_counter()
-    metrics = Trainer(cfg).run()
+    metrics = study_trainer(spec)(cfg).run()
     wall = time.perf_counter() - t0
     mask_s = None
     mfile = out / "metrics.jsonl"
@@ -195,6 +277,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-samples", default="rte=128,mrpc=128,sst2=256", help="N (all tasks) or rte=N,...")
     ap.add_argument("--data-seed", type=int, default=0, help="draws the training subset (same for all seeds)")
+    ap.add_argument(
+        "--heldout-samples", type=int, default=0,
+        help="also evaluate on this many other training rows (disjoint from the subset, fixed): for selection",
+    )  # fmt: skip
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -216,6 +302,11 @@ def main() -> None:
     tasks = parse_list(args.tasks)
     code, code_sha = snapshot_code(work)
     data_dirs = {task: subset_dir(work, task, samples[task], args.data_seed) for task in tasks}
+    heldout_dirs = {
+        task: heldout_dir(work, task, samples[task], args.data_seed, args.heldout_samples)
+        for task in tasks
+        if args.heldout_samples
+    }
     # seed-major order: a study cut short leaves every (task, method) cell with the same n
     for seed in parse_list(args.seeds, int):
         for task in tasks:
@@ -233,6 +324,9 @@ def main() -> None:
                             "threads": args.threads, "data_dir": str(data_dir),
                             "code": str(code), "code_sha": code_sha,
                         }  # fmt: skip
+                        if args.heldout_samples:  # absent otherwise: the earlier studies' keys stay
+                            spec["heldout_samples"] = args.heldout_samples
+                            spec["heldout_dir"] = str(heldout_dirs[task])
                         spec["key"] = run_key(spec)
                         spec["output_dir"] = str(work / "runs" / spec["key"])
                         if spec["key"] not in {s["key"] for s in specs}:  # vanilla ignores p
@@ -280,9 +374,13 @@ def main() -> None:
                 print(f"FAILED ({proc.returncode}) {name}: see {args.work}/{spec['key']}.log", flush=True)
                 continue
             res = json.loads(lines[-1][len("RESULT ") :])
-            rec = {k: v for k, v in spec.items() if k not in ("output_dir", "data_dir", "code")}
+            rec = {
+                k: v for k, v in spec.items() if k not in ("output_dir", "data_dir", "heldout_dir", "code")
+            }
+            heldout = res["metrics"].pop("heldout", None)
             rec.update(
                 dev=flatten(res["metrics"]),
+                **({"heldout": heldout} if heldout is not None else {}),
                 wall_s=round(res["wall_s"], 1),
                 process_s=round(time.time() - started, 1),
                 mask_ready_s=None if res["mask_ready_s"] is None else round(res["mask_ready_s"], 1),
@@ -292,7 +390,8 @@ def main() -> None:
             )
             with open(out, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            print(f"{rec['finished']} {name}: {rec['dev']} {rec['wall_s']} s", flush=True)
+            held = f" heldout {heldout['accuracy']:.4f}" if heldout else ""
+            print(f"{rec['finished']} {name}: {rec['dev']}{held} {rec['wall_s']} s", flush=True)
     print(f"done; {failures} failed")
     sys.exit(1 if failures else 0)
 
