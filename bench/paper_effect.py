@@ -112,7 +112,7 @@ def heldout_indices(n_rows: int, n: int, data_seed: int, n_heldout: int) -> list
 
 def write_glue_dir(root: Path, task: str, header: bytes, rows: list[bytes]) -> Path:
     """A GLUE root holding ``<TASK>/train.tsv`` (``rows``, header kept) and a link to the full dev split."""
-    from ctscale import atomic  # here, not at the top: a worker imports the code snapshot's ctscale
+    from ctscale.storage import atomic  # here, not at the top: a worker imports the code snapshot's ctscale
 
     tdir = root / TASK_DIRS[task]
     if (tdir / "train.tsv").is_file():

@@ -27,7 +27,7 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from ctscale import atomic
+from ctscale.storage import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["vanilla", "ct-f", "ct-d"]
