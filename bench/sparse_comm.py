@@ -101,7 +101,7 @@ def build_backend_for(hook: bool, a: argparse.Namespace):
     return backend, cfg
 
 
-def strategy_for(method: str, p: float, backend, cfg):
+def strategy_for(method: str, p: float, backend, cfg, candidates: str = ""):
     import torch
 
     from ctscale.methods.ct_d.fisher import candidate_filter
@@ -113,7 +113,8 @@ def strategy_for(method: str, p: float, backend, cfg):
         return NoMask()
     if method == "ct-f":
         return RandomChildMask(p, seed=0, kernel="eager")
-    is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
+    patterns = candidates.split(",") if candidates else cfg.fisher.candidates
+    is_candidate = candidate_filter(patterns, cfg.fisher.exclude)
     masks = {}
     for v in backend.shard_ranges():  # the same random child on every rank (seeded by name)
         if is_candidate(v.name):
@@ -147,7 +148,7 @@ def worker(a: argparse.Namespace) -> None:
     strategies = {}
     for method, p, _ in todo:
         if (method, p) not in strategies:
-            strategies[(method, p)] = strategy_for(method, p, plain, cfg)
+            strategies[(method, p)] = strategy_for(method, p, plain, cfg, a.candidates)
     steps = {run: [] for run in todo}
     step = 0
     for round_ in range(a.warmup + a.steps):
@@ -296,6 +297,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--candidates",
+        default="",
+        help="comma list of regexes naming CT-D's candidate tensors (default: the config's, the "
+        "transformer blocks; '.': every tensor, so embeddings and head are masked too)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
