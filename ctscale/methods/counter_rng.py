@@ -21,13 +21,24 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ctscale.config import Config
 
 _GOLDEN = 0x9E3779B1
 _MIX1 = 0x85EBCA6B
 _MIX2 = 0xC2B2AE35
 _UNIFORM_BITS = 24  # resolution of the draw: p is honoured to within 2**-24
+
+
+def mask_seed(cfg: Config) -> int:
+    """The seed of a run's counter-RNG masks: ``method.mask_seed``, else ``train.seed``."""
+    return cfg.train.seed if cfg.method.mask_seed is None else cfg.method.mask_seed
+
+
 _CHUNK = 1 << 22  # elements hashed at once; bounds the scratch memory to 16 MiB
 _EAGER_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 22}  # CPU: the two scratch buffers stay in L2 cache
 _COMPILED_CHUNK = 1 << 24  # the fused kernel has no temporaries to bound

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ctscale.methods.base import GradView
-from ctscale.methods.counter_rng import keep_and_rescale_
+from ctscale.methods.counter_rng import keep_and_rescale_, mask_seed
 from ctscale.methods.registry import ChildSummary, MethodSpec, register_method
 
 if TYPE_CHECKING:
@@ -70,10 +70,6 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _seed(cfg: Config) -> int:
-    return cfg.train.seed if cfg.method.mask_seed is None else cfg.method.mask_seed
-
-
 def _describe(cfg: Config, mask_path: str | None, seconds: dict[str, float]) -> ChildSummary:
     return ChildSummary(f"ct-f, a fresh random child every step, p={cfg.method.reserve_p}")
 
@@ -83,10 +79,10 @@ SPEC = register_method(
         name="ct-f",
         summary="Child-Tuning-F: a fresh Bernoulli(p) child network every step, gradients * M / p",
         build=lambda ctx: RandomChildMask(
-            ctx.cfg.method.reserve_p, _seed(ctx.cfg), ctx.cfg.method.ctf_kernel
+            ctx.cfg.method.reserve_p, mask_seed(ctx.cfg), ctx.cfg.method.ctf_kernel
         ),
         plan=lambda cfg, train_size: (
-            f"CT-F: a fresh Bernoulli(p={cfg.method.reserve_p}) mask every step, seed {_seed(cfg)}"
+            f"CT-F: a fresh Bernoulli(p={cfg.method.reserve_p}) mask every step, seed {mask_seed(cfg)}"
         ),
         describe=_describe,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ctscale.errors import MaskError
-from ctscale.methods.counter_rng import bernoulli_mask
+from ctscale.methods.counter_rng import bernoulli_mask, mask_seed
 from ctscale.methods.ct_d.fisher import candidate_filter
 from ctscale.methods.fixed_mask import FixedChildMask
 from ctscale.methods.registry import ChildSummary, MethodContext, MethodSpec, register_method
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
     from ctscale.config import Config
 
 DRAW_STEP = -1  # the counter RNG's step of the one draw
-
-
-def _seed(cfg: Config) -> int:
-    return cfg.train.seed if cfg.method.mask_seed is None else cfg.method.mask_seed
 
 
 def build(ctx: MethodContext) -> FixedChildMask:
@@ -42,7 +38,7 @@ def build(ctx: MethodContext) -> FixedChildMask:
             "no parameter matches fisher.candidates: ct-r would train nothing differently from "
             "vanilla. Fix the patterns (they are regexes searched in parameter names)"
         )
-    seed, p = _seed(cfg), cfg.method.reserve_p
+    seed, p = mask_seed(cfg), cfg.method.reserve_p
     local = {
         v.key(): bernoulli_mask(seed, DRAW_STEP, v.name, v.start, v.end, p)
         for v in ctx.shards.shard_ranges()
@@ -52,7 +48,9 @@ def build(ctx: MethodContext) -> FixedChildMask:
 
 
 def describe(cfg: Config, mask_path: str | None, seconds: dict[str, float]) -> ChildSummary:
-    return ChildSummary(f"ct-r, a fixed random child network, p={cfg.method.reserve_p}, seed {_seed(cfg)}")
+    return ChildSummary(
+        f"ct-r, a fixed random child network, p={cfg.method.reserve_p}, seed {mask_seed(cfg)}"
+    )
 
 
 SPEC = register_method(
@@ -62,7 +60,7 @@ SPEC = register_method(
         build=build,
         plan=lambda cfg, train_size: (
             f"CT-R: one Bernoulli(p={cfg.method.reserve_p}) child network of the candidates, "
-            f"seed {_seed(cfg)}, fixed for the run"
+            f"seed {mask_seed(cfg)}, fixed for the run"
         ),
         describe=describe,
         fixed_child=True,
