@@ -18,6 +18,7 @@ Usage (one process; the same commands run under torchrun / deepspeed, see launch
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -278,5 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def run() -> None:
+    """The ``ctscale`` command and ``python -m ctscale`` (what the launchers start): ``main``,
+    then the exit. A fatal signal (an abort in C++) prints every thread's Python stack."""
+    faulthandler.enable()
+    code = main()
+    dist.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

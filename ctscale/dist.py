@@ -163,11 +163,40 @@ def lost_peer(err: BaseException) -> bool:
     return is_distributed() and isinstance(err, RuntimeError) and any(m in str(err) for m in _LOST_PEER)
 
 
+# Whether this process destroyed a process group (see exit_process).
+_left_group = False
+
+
 def shutdown() -> None:
-    """Leave the process group cleanly (avoids aborts at interpreter exit)."""
+    """Leave the process group cleanly, every rank together."""
+    global _left_group
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+        _left_group = True
+
+
+def exit_process(code: int) -> None:
+    """End a process that joined a process group with ``code``, once its exit handlers have run,
+    without the interpreter's teardown; a process that joined none returns and exits as usual.
+
+    destroy_process_group does not stop gloo's threads (pt_gloo_runloop, gloo_tcp_loop) while
+    something else holds the group, and FSDP2 does: on torch 2.13 they are still running after
+    destroy_process_group and a garbage collection. A job that had finished was seen to abort in
+    that teardown ("terminate called without an active exception", SIGABRT), which torchrun
+    counts as a failed worker (and restarts). multiprocessing's children end the same way: exit
+    handlers (logging, trackers' atexit), flushed streams, then os._exit.
+    """
+    import atexit
+    import os
+    import sys
+
+    if not (_left_group or is_distributed()):
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:

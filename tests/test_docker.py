@@ -511,7 +511,7 @@ def test_entry_commands_are_exec_form_and_exist(image):
     argv = image.argv()
     assert argv, f"{image.path.name}: no ENTRYPOINT or CMD"
     if argv[0] == "ctscale":  # the console script, then its arguments parse
-        assert PYPROJECT["project"]["scripts"]["ctscale"] == "ctscale.cli:main"
+        assert PYPROJECT["project"]["scripts"]["ctscale"] == "ctscale.cli:run"
         parses_as_ctscale(argv[1:])
     elif argv[:2] == ["bash", "-c"]:  # each `python -m MODULE` it runs is installed
         for module in re.findall(r"python -m (\w+)", argv[2]):
