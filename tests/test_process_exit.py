@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,14 @@ import torch.distributed as tdist
 from ctscale import cli, dist
 
 
-def _python(script: str, cwd: Path) -> subprocess.CompletedProcess:
+def _python(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -53,6 +59,40 @@ def test_a_rank_that_lost_its_peers_exits_with_the_code_main_returned(tmp_path):
         tmp_path,
     )
     assert done.returncode == 3, done.stderr[-2000:]
+
+
+def test_fsdp2_keeps_gloos_threads_running_past_destroy_process_group(tmp_path):
+    """Why exit_process exists (torch 2.13). Should this fail after a torch upgrade, the
+    interpreter's teardown may be safe again; the exit path is harmless either way."""
+    done = _python(
+        """
+        import gc, os, sys, torch, torch.distributed as d
+        from torch.distributed.fsdp import fully_shard
+
+        def threads():
+            return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+        d.init_process_group("gloo", store=d.HashStore(), rank=0, world_size=1)
+        if sys.argv[1:] == ["fsdp"]:
+            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+            fully_shard(model)
+            model(torch.randn(4, 8)).sum().backward()
+            del model
+        d.barrier()
+        d.destroy_process_group()
+        gc.collect()
+        print(" ".join(threads()))
+        """,
+        tmp_path,
+        "fsdp",
+    )
+    assert "pt_gloo_runloop" in done.stdout.split(), done.stdout + done.stderr[-2000:]
+    plain = _python(
+        "import torch.distributed as d; d.init_process_group('gloo', store=d.HashStore(), rank=0, "
+        "world_size=1); d.destroy_process_group(); import os; print(len(os.listdir('/proc/self/task')))",
+        tmp_path,
+    )
+    assert plain.stdout.split() == ["1"], plain.stdout + plain.stderr[-2000:]  # no FSDP2: all stopped
 
 
 def test_without_a_process_group_exit_process_returns_and_run_exits_as_usual(monkeypatch):
