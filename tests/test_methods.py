@@ -28,7 +28,7 @@ from dist_workers import tiny_overrides
 PACKAGE = Path(ctscale.__file__).parent
 # the modules that must work for any registered method without naming one
 CONSUMERS = [
-    PACKAGE / "config.py",
+    *sorted((PACKAGE / "config").glob("*.py")),
     PACKAGE / "trainer.py",
     PACKAGE / "plan.py",
     PACKAGE / "hf.py",
@@ -74,7 +74,7 @@ def test_ct_r_is_registered_by_its_one_module():
     assert get_method("ct-r").build.__module__ == "ctscale.methods.ct_r"
 
 
-@pytest.mark.parametrize("path", CONSUMERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONSUMERS, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_consumers_name_no_method(path):
     assert _method_literals(path) == [], f"{path.name} branches on a method name; read the registry"
 
