@@ -126,8 +126,8 @@ def _restart_store():
     Under torchrun's shared agent store (its default) the store outlives an attempt, and a
     restarted gloo group could read the killed attempt's peer addresses from it and fail with
     "connectFullMesh ... Connection refused": keys are prefixed with the restart count, which
-    every agent shares when they all restart. launch/torchrun.sh turns the sharing off
-    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): each rendezvous round then gets a fresh store on a
+    every agent shares when they all restart. On several nodes launch/torchrun.sh turns the
+    sharing off (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): each rendezvous round then gets a fresh store on a
     fresh port, hosted by rank 0, with nothing stale in it, and a brand-new agent (a lost host's
     replacement, restart count 0) meets restarted ones (count 1) there. None in that case, on a
     first attempt and outside torchelastic: the default env:// rendezvous is used.

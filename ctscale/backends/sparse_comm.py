@@ -25,6 +25,7 @@ step, with the step the trainer passes (``use``), the same number ``apply`` gets
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations at run time
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,9 +103,7 @@ class SparseCommState:
         keep = torch.ones(numel, dtype=torch.bool, device=device)
         kept = total = 0
         for name, offset, shape in layout:
-            size = 1
-            for d in shape:
-                size *= d
+            size = math.prod(shape)
             survivors = self.strategy.survivors(GradView(name, shape, 0, size), self.step)
             if survivors is None:
                 continue

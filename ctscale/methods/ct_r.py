@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ctscale.errors import MaskError
 from ctscale.methods.counter_rng import bernoulli_mask, mask_seed
-from ctscale.methods.ct_d.fisher import candidate_filter
+from ctscale.methods.ct_d.fisher import candidate_filter, no_candidates
 from ctscale.methods.fixed_mask import FixedChildMask
 from ctscale.methods.registry import ChildSummary, MethodContext, MethodSpec, register_method
 
@@ -34,10 +33,7 @@ def build(ctx: MethodContext) -> FixedChildMask:
     cfg = ctx.cfg
     is_candidate = candidate_filter(cfg.fisher.candidates, cfg.fisher.exclude)
     if not any(is_candidate(n) for n in ctx.shards.param_shapes()):
-        raise MaskError(
-            "no parameter matches fisher.candidates: ct-r would train nothing differently from "
-            "vanilla. Fix the patterns (they are regexes searched in parameter names)"
-        )
+        raise no_candidates("ct-r")
     seed, p = mask_seed(cfg), cfg.method.reserve_p
     local = {
         v.key(): bernoulli_mask(seed, DRAW_STEP, v.name, v.start, v.end, p)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ctscale.errors import ConfigError
 
-if TYPE_CHECKING:  # no run-time import: config.py reads this registry
+if TYPE_CHECKING:  # no run-time import: ctscale.config reads this registry
     from ctscale.backends.base import ShardViews
     from ctscale.config import Config
     from ctscale.methods.base import MaskStrategy

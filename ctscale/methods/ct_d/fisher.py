@@ -44,6 +44,14 @@ def candidate_filter(patterns: Sequence[str], exclude: Sequence[str] = ()) -> Ca
     return is_candidate
 
 
+def no_candidates(method: str) -> MaskError:
+    """The error for ``fisher.candidates`` that match no parameter (the method would be vanilla)."""
+    return MaskError(
+        f"no parameter matches fisher.candidates: {method} would train nothing differently "
+        "from vanilla. Fix the patterns (they are regexes searched in parameter names)"
+    )
+
+
 @contextlib.contextmanager
 def fisher_mode(
     model: torch.nn.Module, dropout: bool
@@ -119,10 +127,7 @@ class FisherAccumulator:
     def __init__(self, shapes: dict[str, tuple[int, ...]], max_grad_norm: float = 0.0) -> None:
         """``shapes``: global shape of every candidate parameter (the same on every rank)."""
         if not shapes:
-            raise MaskError(
-                "no parameter matches fisher.candidates: CT-D would train nothing differently "
-                "from vanilla. Fix the patterns (they are regexes searched in parameter names)"
-            )
+            raise no_candidates("CT-D")
         self.shapes = dict(shapes)
         self.max_grad_norm = max_grad_norm
         self.sums: dict[Key, torch.Tensor] = {}
